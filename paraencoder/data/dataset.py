@@ -1,0 +1,126 @@
+"""Alignment examples: (audio, student prompt, teacher prompt, target reply), and their collation.
+
+Each utterance yields one example per task that applies to its labels (see
+:mod:`paraencoder.prompts`). Targets come from the teacher cache (or are the transcript itself for
+content tasks). Audio is loaded in the DataLoader workers; tokenization happens on the training
+side, where the adapter says how many soft tokens each clip becomes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from paraencoder.audio import load_audio, pad_waves
+from paraencoder.data.teacher import Decoding, TeacherCache, TeacherRequest, generate_teacher_replies
+from paraencoder.errors import ManifestError
+from paraencoder.prompts import Task
+
+
+@dataclass
+class AlignmentExample:
+    """One training item."""
+
+    utt_id: str
+    audio: str
+    offset: float
+    duration: float | None
+    task: str
+    student_prompt: str
+    teacher_prompt: str
+    system: str | None = None
+    reply: str | None = None
+    labels: dict = field(default_factory=dict)
+    transcript: str | None = None
+
+
+def build_examples(utterances: Sequence, tasks: Sequence[Task], *, system: str | None = None, source: str = "manifest") -> list[AlignmentExample]:
+    """One example per (utterance, task) whose needed labels the utterance has.
+
+    Raises :class:`ManifestError` naming the utterance when a task needs a transcript it lacks and
+    no other task applies (so nothing is dropped silently).
+    """
+    examples = []
+    for utt in utterances:
+        labels = dict(utt.labels())
+        if utt.transcript:
+            labels["transcript"] = utt.transcript
+        applied = 0
+        for task in tasks:
+            if not task.applies(labels):
+                continue
+            applied += 1
+            examples.append(
+                AlignmentExample(
+                    utt_id=utt.id,
+                    audio=utt.audio,
+                    offset=utt.offset or 0.0,
+                    duration=utt.duration,
+                    task=task.name,
+                    student_prompt=task.student,
+                    teacher_prompt=task.teacher_prompt(utt.transcript or "", labels),
+                    system=system,
+                    reply=utt.transcript if task.reply == "transcript" else None,
+                    labels=labels,
+                    transcript=utt.transcript,
+                )
+            )
+        if not applied:
+            missing = sorted({k for t in tasks for k in t.needs if labels.get(k) in (None, "")})
+            raise ManifestError(
+                source, None, ",".join(missing), f"utterance {utt.id!r} has none of the labels the tasks {[t.name for t in tasks]} need"
+            )
+    return examples
+
+
+def attach_teacher_replies(examples: list[AlignmentExample], llm, cache: TeacherCache, *, decoding: Decoding = Decoding(), batch_size: int = 16, progress: bool = True) -> list[AlignmentExample]:
+    """Fill ``reply`` of every example that needs a teacher reply (generated once, then read from ``cache``)."""
+    need = [ex for ex in examples if ex.reply is None]
+    replies = generate_teacher_replies(
+        llm, [TeacherRequest(ex.teacher_prompt, ex.system) for ex in need], cache, decoding=decoding, batch_size=batch_size, progress=progress
+    )
+    for ex, reply in zip(need, replies):
+        ex.reply = reply
+    return examples
+
+
+class AlignmentDataset(torch.utils.data.Dataset):
+    """Loads each example's audio (16 kHz mono float32) on access."""
+
+    def __init__(self, examples: Sequence[AlignmentExample], *, augment=None, seed: int = 0):
+        self.examples = list(examples)
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.examples[index]
+        wave = load_audio(ex.audio, offset=ex.offset, duration=ex.duration)
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            wave = np.asarray(self.augment.apply_wave(torch.from_numpy(wave), generator), dtype=np.float32)
+        return {"wave": wave, "example": ex}
+
+    def durations(self) -> list[float]:
+        """Clip durations for length bucketing (from the manifest when known, else read from headers)."""
+        from paraencoder.audio import audio_info
+
+        out = []
+        for ex in self.examples:
+            if ex.duration:
+                out.append(float(ex.duration))
+            else:
+                frames, sr, _ = audio_info(ex.audio)
+                out.append(frames / sr - ex.offset)
+        return out
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Pad waves into ``[B, T]`` + lengths; keep the examples for prompt building."""
+    waves, lengths = pad_waves([it["wave"] for it in items])
+    return {"waves": waves, "lengths": lengths, "examples": [it["example"] for it in items]}

@@ -1,0 +1,67 @@
+"""Atomic file output: every file paraencoder writes goes through here.
+
+A crash (or kill -9) leaves either the old file or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from paraencoder.errors import ParaencoderError
+
+
+def _explain_os_error(path: Path, exc: OSError) -> ParaencoderError:
+    if exc.errno == errno.ENOSPC:
+        return ParaencoderError(f"cannot write {path}: the disk is full; free space or choose another output directory")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return ParaencoderError(
+            f"cannot write {path}: the directory is read-only or not writable ({exc.strerror}); "
+            "choose a writable output directory"
+        )
+    return ParaencoderError(f"cannot write {path}: {exc}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
+    """Open a temp file next to ``path``; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    binary = "b" in mode
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _explain_os_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _explain_os_error(path, exc) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb", encoding=None) as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")

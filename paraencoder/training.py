@@ -1,0 +1,273 @@
+"""Behavioral-alignment training with Lightning: ``AlignmentModule`` + ``AlignmentData``.
+
+The module owns only the :class:`~paraencoder.adapter.SpeechAdapter` as parameters. The frozen
+LLM is held as a plain attribute (never a submodule): no gradients, no optimizer state, not in
+checkpoints, not in DDP buckets. Checkpoints hold only what trains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from paraencoder.adapter import SpeechAdapter
+from paraencoder.data.dataset import AlignmentDataset, AlignmentExample, attach_teacher_replies, build_examples, collate
+from paraencoder.data.teacher import Decoding, TeacherCache
+from paraencoder.errors import ConfigError
+from paraencoder.llm import FrozenLLM, PromptBatch
+from paraencoder.objectives import ObjectiveMix
+from paraencoder.prompts import get_tasks
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PARAENCODER_CACHE", Path.home() / ".cache" / "paraencoder"))
+
+
+class AlignmentModule(L.LightningModule):
+    """Train a speech adapter so the frozen LLM's reply to speech matches its reply to text + stated cues.
+
+    Args:
+        llm: frozen LLM spec: a packaged short name (``smollm2-135m-instruct``), a transformers directory or a ``.gguf`` file.
+        encoder: speech encoder spec (``whisper-base``, ``whisper-tiny.en``, a Whisper/wav2vec2/HuBERT/WavLM directory, a CTranslate2 ``model.bin``).
+        layer: encoder hidden state the projector reads (``"last"``, an index, or ``"mix"``).
+        stack: encoder frames per soft token.
+        projector_dim: projector MLP width (``None`` = max(LLM hidden, 1024)).
+        activation: ``"swiglu"`` or ``"gelu"``.
+        train_layers: encoder layers that train: ``"all"``, ``"none"``, ``"2-5"``, ``"0,3"``.
+        gradient_checkpointing: recompute trained encoder layers in backward.
+        ce_weight: weight of cross-entropy on the teacher's reply.
+        kl_weight: weight of KL(teacher || student) at reply positions (teacher forward each step).
+        temperature: KL temperature.
+        chunk_size: response tokens per LM-head chunk (bounds logits memory).
+        llm_dtype: dtype of the frozen LLM weights (``bfloat16`` on GPU).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay.
+        export_dir: where the final adapter is written (default ``<log dir>/adapter``).
+        system_prompt: system message for student and teacher prompts (``None`` = the template's default).
+    """
+
+    def __init__(
+        self,
+        llm: str = "smollm2-135m-instruct",
+        encoder: str = "whisper-base",
+        layer: str | int = "last",
+        stack: int = 4,
+        projector_dim: int | None = None,
+        activation: str = "swiglu",
+        train_layers: str = "none",
+        gradient_checkpointing: bool = False,
+        ce_weight: float = 1.0,
+        kl_weight: float = 0.0,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+        llm_dtype: str = "float32",
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 20,
+        export_dir: str | None = None,
+        system_prompt: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from paraencoder import backbones
+
+        self.llm: FrozenLLM = backbones.resolve_llm(llm, dtype=llm_dtype)
+        if system_prompt is not None:
+            self.llm.system_prompt = system_prompt
+        self.adapter = SpeechAdapter.build(
+            encoder,
+            self.llm,
+            layer=layer,
+            stack=stack,
+            hidden_dim=projector_dim,
+            activation=activation,
+            train_layers=train_layers,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.objective = ObjectiveMix(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, chunk_size=chunk_size)
+        self.strict_loading = False  # checkpoints hold only the trainable tensors
+
+    # -- placement: the LLM is not a submodule, so move it by hand --------------------------------
+    def on_fit_start(self) -> None:
+        self.llm.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.llm.to(self.device)
+
+    def on_predict_start(self) -> None:
+        self.llm.to(self.device)
+
+    # -- the forward pass shared by every objective ----------------------------------------------
+    def student_batch(self, batch: dict, replies: list[str | list[int]] | None = None, prompts: list[str] | None = None, histories=None):
+        """Soft tokens for the batch's audio spliced into the student prompts (+ replies as labels)."""
+        waves, lengths = batch["waves"], batch["lengths"]
+        examples: list[AlignmentExample] = batch["examples"]
+        soft, soft_lengths = self.adapter(waves, lengths)
+        prompts = prompts or [ex.student_prompt for ex in examples]
+        if replies is None:
+            replies = [ex.reply for ex in examples]
+        enc = self.llm.encode(
+            prompts,
+            num_speech_tokens=soft_lengths.tolist(),
+            replies=replies,
+            system=examples[0].system if examples else None,
+            histories=histories,
+        ).to(self.device)
+        embeds = self.llm.embed(enc, soft, soft_lengths)
+        return enc, embeds
+
+    @staticmethod
+    def response_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states that predict reply tokens ``[N, H]`` and those tokens ``[N]`` (shifted by one)."""
+        targets = labels[:, 1:]
+        mask = targets != -100
+        return hidden[:, :-1][mask], targets[mask]
+
+    def teacher_hidden(self, examples: list[AlignmentExample], replies) -> torch.Tensor:
+        """The teacher's hidden states at the same reply tokens, from its text prompt (no gradient)."""
+        with torch.no_grad():
+            enc = self.llm.encode([ex.teacher_prompt for ex in examples], replies=replies, system=examples[0].system).to(self.device)
+            hidden = self.llm.hidden_states(self.llm.embed(enc), enc.attention_mask)
+            h, _ = self.response_hidden(hidden, enc.labels)
+        return h
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        examples = batch["examples"]
+        replies = [ex.reply for ex in examples]
+        enc, embeds = self.student_batch(batch, replies)
+        hidden = self.llm.hidden_states(embeds, enc.attention_mask)
+        h, targets = self.response_hidden(hidden, enc.labels)
+        teacher = self.teacher_hidden(examples, replies) if self.hparams.kl_weight > 0 else None
+        head = self.llm.lm_head
+        return self.objective(h, head.weight, targets, teacher_hidden=teacher, bias=getattr(head, "bias", None))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        bs = len(batch["examples"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, parts = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["examples"]), sync_dist=True)
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1000
+        warmup = min(self.hparams.warmup_steps, max(0, total - 1))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints hold only what trains ------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {f"adapter.{k}" for k in self.adapter.trainable_state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep or not k.startswith("adapter.")}
+
+    def on_train_end(self) -> None:
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        target = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
+        self.adapter.save_pretrained(target, extra_config={"training": {k: v for k, v in self.hparams.items()}})
+        print(f"adapter written to {target}")
+
+
+class AlignmentData(L.LightningDataModule):
+    """Manifests → alignment examples with cached teacher replies → length-bucketed batches.
+
+    Args:
+        train_manifest: JSONL/CSV manifest of training utterances.
+        val_manifest: optional manifest for validation loss.
+        tasks: alignment tasks, e.g. ``["respond", "emotion"]`` (see ``paraencoder.prompts.TASKS``).
+        llm: the frozen LLM spec (linked from ``model.llm``; the same loaded model is shared).
+        llm_dtype: its dtype (linked from ``model.llm_dtype``).
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes (audio decoding).
+        teacher_cache: directory of the teacher-reply cache (default in ``$PARAENCODER_CACHE``).
+        teacher_max_new_tokens, teacher_batch_size: teacher generation settings.
+        max_examples: cap for quick runs (taken after a seeded shuffle).
+        seed: shuffling seed.
+        bucket: group clips of similar length into batches (bounded padding).
+    """
+
+    def __init__(
+        self,
+        train_manifest: str,
+        val_manifest: str | None = None,
+        tasks: list[str] = ["respond", "emotion"],  # noqa: B006 - jsonargparse needs a literal default
+        llm: str = "smollm2-135m-instruct",
+        llm_dtype: str = "float32",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        teacher_cache: str | None = None,
+        teacher_max_new_tokens: int = 48,
+        teacher_batch_size: int = 16,
+        max_examples: int | None = None,
+        seed: int = 0,
+        bucket: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: AlignmentDataset | None = None
+        self.val_set: AlignmentDataset | None = None
+
+    def _examples(self, manifest: str) -> list[AlignmentExample]:
+        from paraencoder import backbones
+        from paraencoder.data.manifest import load_manifest
+
+        utts = load_manifest(manifest)
+        examples = build_examples(utts, get_tasks(self.hparams.tasks), source=manifest)
+        if self.hparams.max_examples:
+            g = torch.Generator().manual_seed(self.hparams.seed)
+            order = torch.randperm(len(examples), generator=g).tolist()
+            examples = [examples[i] for i in order[: self.hparams.max_examples]]
+        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype)
+        cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
+        decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
+        return attach_teacher_replies(examples, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            self.train_set = AlignmentDataset(self._examples(self.hparams.train_manifest), seed=self.hparams.seed)
+        if self.val_set is None and self.hparams.val_manifest and stage in (None, "fit", "validate"):
+            self.val_set = AlignmentDataset(self._examples(self.hparams.val_manifest), seed=self.hparams.seed)
+
+    def _loader(self, dataset: AlignmentDataset, shuffle: bool) -> torch.utils.data.DataLoader:
+        hp = self.hparams
+        if hp.bucket:
+            from paraencoder.data.sampling import LengthBucketSampler
+
+            world = self.trainer.world_size if self.trainer else 1
+            rank = self.trainer.global_rank if self.trainer else 0
+            sampler = LengthBucketSampler(dataset.durations(), batch_size=hp.batch_size, shuffle=shuffle, seed=hp.seed, num_replicas=world, rank=rank)
+            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        g = torch.Generator().manual_seed(hp.seed)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=hp.batch_size, shuffle=shuffle, generator=g, collate_fn=collate, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0
+        )
+
+    def train_dataloader(self):
+        if self.train_set is None:
+            raise ConfigError("AlignmentData.setup('fit') was not run")
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
