@@ -164,7 +164,7 @@ def read_ct2(paths: str | Path | Sequence[str | Path], *, dequantize: bool = Tru
         raise BackboneError(
             f"CTranslate2 file {reader._describe()} has format version {version}; this reader knows versions "
             f"{SUPPORTED_VERSIONS}. Convert the model with a ctranslate2 release that writes one of those, or "
-            "use a transformers directory instead"
+            "use a transformers directory instead" + ("" if len(files) == 1 else " (or the parts are not in order)")
         )
     spec = reader.string("the spec name")
     (revision,) = reader.unpack("<I", "the spec revision")
@@ -409,7 +409,8 @@ def ct2_whisper_to_hf(
     if unread:
         raise BackboneError(f"CTranslate2 Whisper model {_sources(model)}: variables left unread by the mapping: {sorted(unread)}")
     _check_complete(config, sd, model)
-    state_dict = {name: torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)) for name, array in sd.items()}
+    # np.array copies: each tensor owns writable memory that outlives the memory map.
+    state_dict = {name: torch.from_numpy(np.array(array, dtype=np.float32)) for name, array in sd.items()}
     return config, state_dict
 
 
@@ -456,8 +457,10 @@ def _load_config_json(config_json: str | Path | dict | None) -> dict:
 
 def _special_ids(vocabulary: str | Path | Sequence[str] | None, vocab_size: int) -> dict[str, int]:
     if vocabulary is None:
-        # Standard Whisper vocabularies: English-only has 51864 entries, multilingual 51865+.
-        eot = 50256 if vocab_size < 51865 else 50257
+        # Standard Whisper vocabularies: English-only has 51864 entries, multilingual 51865 (51866 for large-v3).
+        if vocab_size not in (51864, 51865, 51866):
+            raise BackboneError(f"a Whisper model with {vocab_size} tokens is not a standard size; pass vocabulary= (vocabulary.json/.txt) for its special token ids")
+        eot = 50256 if vocab_size == 51864 else 50257
         return {"eot": eot, "sot": eot + 1}
     tokens = _read_vocabulary(Path(vocabulary)) if isinstance(vocabulary, (str, Path)) else list(vocabulary)
     index = {tok: i for i, tok in enumerate(tokens)}
