@@ -79,7 +79,8 @@ def _to_mono_float(source: object, data: np.ndarray, channels_last: bool) -> np.
     if data.size == 0:
         raise AudioError(source, "is empty (zero samples)")
     if data.ndim == 2:
-        data = data.mean(axis=1 if channels_last else 0, dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: caught just below
+            data = data.mean(axis=1 if channels_last else 0, dtype=np.float64)
     data = np.asarray(data, dtype=np.float32)
     if not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))
@@ -192,7 +193,10 @@ def _load_file(path: Path, offset: float, duration: float | None, max_seconds: f
                 block = handle.read(min(_READ_BLOCK, remaining), dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
                     break
-                blocks.append(block[:, 0].copy() if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float64).astype(np.float32))
+                if block.shape[1] > 1:
+                    with np.errstate(invalid="ignore", over="ignore"):  # non-finite: rejected below
+                        block = block.mean(axis=1, dtype=np.float64, keepdims=True).astype(np.float32)
+                blocks.append(block[:, 0].copy())
                 remaining -= block.shape[0]
     except Exception as exc:
         raise AudioError(path, f"is corrupt or truncated: reading samples failed ({exc})") from exc
