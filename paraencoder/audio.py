@@ -84,7 +84,9 @@ def _to_mono_float(source: object, data: np.ndarray, channels_last: bool) -> np.
     data = np.asarray(data, dtype=np.float32)
     if not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))
-        raise AudioError(source, f"contains {bad} NaN or infinite samples; the data is corrupt (or float samples were written unscaled)")
+        raise AudioError(
+            source, f"contains {bad} NaN or infinite samples; the data is corrupt (or float samples were written unscaled)"
+        )
     return data
 
 
