@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -295,8 +295,11 @@ def _weight_files(path: Path) -> list[Path]:
 def _ct2_parts(spec: str | Path | Sequence[str | Path]) -> list[Path] | None:
     """The CTranslate2 file(s) a spec points to, or None when it is not a CTranslate2 spec."""
     if isinstance(spec, (list, tuple)):
-        parts = [Path(p) for p in spec]
-        return parts if parts and all(p.is_file() for p in parts) else None
+        parts = [Path(p).expanduser() for p in spec]
+        missing = [str(p) for p in parts if not p.is_file()]
+        if not parts or missing:
+            raise BackboneError(f"CTranslate2 parts {missing or '[]'} do not exist; give the model.bin parts in order")
+        return parts
     path = Path(spec)
     if path.is_dir() and (path / "model.bin").is_file() and not _is_hf_dir(path):
         return [path / "model.bin"]
@@ -309,6 +312,8 @@ def is_whisper_spec(spec: str | Path | Sequence[str | Path]) -> bool:
     """True when ``spec`` names a Whisper model (packaged name, CTranslate2 file(s) or transformers dir)."""
     if isinstance(spec, str) and spec in _PACKAGED:
         return _PACKAGED[spec].kind == "whisper"
+    if isinstance(spec, (list, tuple)):
+        return True  # only CTranslate2 Whisper models come as a list of parts
     if _ct2_parts(spec) is not None:
         return True
     if isinstance(spec, (str, Path)) and _is_hf_dir(Path(spec)):

@@ -86,6 +86,8 @@ def test_bad_specs(tmp_path, tiny_llm_dir, tiny_whisper_dir):
         load_whisper(tiny_llm_dir)
     with pytest.raises(BackboneError, match="SSL encoders supported"):
         load_ssl_encoder(tiny_whisper_dir)
+    with pytest.raises(BackboneError, match="part2.*do not exist"):
+        load_whisper([tmp_path / "model.bin.part1", tmp_path / "model.bin.part2"])
     with pytest.raises(BackboneError, match="unknown dtype"):
         load_causal_lm(tiny_llm_dir, "float8")
 
