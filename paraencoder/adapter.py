@@ -137,11 +137,23 @@ class SpeechAdapter(nn.Module):
         frames = self.encoder.output_lengths(sample_lengths)
         return self.projector.output_lengths(frames)
 
+    def encode(self, waves: torch.Tensor, lengths: torch.Tensor):
+        """Run the encoder only as deep as the projector reads: ``EncoderOutput``."""
+        return self.encoder(waves, lengths, max_layer=self.layer_select.deepest_layer)
+
+    def project(self, hidden_states: tuple[torch.Tensor, ...], frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder hidden states → ``(soft_tokens [B, N, H_llm], token_lengths [B])``."""
+        return self.projector(self.layer_select(hidden_states), frame_lengths)
+
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``waves [B, T]`` at 16 kHz + ``lengths [B]`` → ``(soft_tokens [B, N, H_llm], token_lengths [B])``."""
-        out = self.encoder(waves, lengths, max_layer=self.layer_select.deepest_layer)
-        frames = self.layer_select(out.hidden_states)
-        return self.projector(frames, out.lengths)
+        out = self.encode(waves, lengths)
+        return self.project(out.hidden_states, out.lengths)
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """True when no encoder weight trains: its outputs can then be cached across epochs."""
+        return not any(p.requires_grad for p in self.encoder.parameters())
 
     # -- inference -----------------------------------------------------------------------------
     def _load_batch(self, audio: AudioInput | Sequence[AudioInput], sample_rate: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -47,6 +47,8 @@ class AlignmentModule(L.LightningModule):
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay.
         export_dir: where the final adapter is written (default ``<log dir>/adapter``).
         system_prompt: system message for student and teacher prompts (``None`` = the template's default).
+        cache_encoder: when no encoder layer trains, keep each clip's encoder output in memory after
+            its first use (the frozen encoder then runs once per clip, not once per epoch).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class AlignmentModule(L.LightningModule):
         warmup_steps: int = 20,
         export_dir: str | None = None,
         system_prompt: str | None = None,
+        cache_encoder: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -89,6 +92,13 @@ class AlignmentModule(L.LightningModule):
         )
         self.objective = ObjectiveMix(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, chunk_size=chunk_size)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
+        self._encoder_cache: dict[tuple, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.adapter.encoder_frozen:
+            self.adapter.encoder.eval()  # a frozen encoder never uses dropout or SpecAugment masking
+        return self
 
     # -- placement: the LLM is not a submodule, so move it by hand --------------------------------
     def on_fit_start(self) -> None:
@@ -103,9 +113,8 @@ class AlignmentModule(L.LightningModule):
     # -- the forward pass shared by every objective ----------------------------------------------
     def student_batch(self, batch: dict, replies: list[str | list[int]] | None = None, prompts: list[str] | None = None, histories=None):
         """Soft tokens for the batch's audio spliced into the student prompts (+ replies as labels)."""
-        waves, lengths = batch["waves"], batch["lengths"]
         examples: list[AlignmentExample] = batch["examples"]
-        soft, soft_lengths = self.adapter(waves, lengths)
+        soft, soft_lengths = self.soft_tokens(batch)
         prompts = prompts or [ex.student_prompt for ex in examples]
         if replies is None:
             replies = [ex.reply for ex in examples]
@@ -118,6 +127,33 @@ class AlignmentModule(L.LightningModule):
         ).to(self.device)
         embeds = self.llm.embed(enc, soft, soft_lengths)
         return enc, embeds
+
+    def soft_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's soft tokens for the batch, reusing cached frozen-encoder outputs when allowed."""
+        waves, lengths = batch["waves"], batch["lengths"]
+        if not (self.hparams.cache_encoder and self.adapter.encoder_frozen):
+            return self.adapter(waves, lengths)
+        keys = [(ex.audio, ex.offset, ex.duration) for ex in batch["examples"]]
+        needed = self.adapter.layer_select.mix_layers
+        missing = [i for i, k in enumerate(keys) if k not in self._encoder_cache]
+        if missing:
+            idx = torch.tensor(missing, device=waves.device)
+            with torch.no_grad():
+                out = self.adapter.encode(waves[idx], lengths[idx])
+            for j, i in enumerate(missing):
+                n = int(out.lengths[j])
+                self._encoder_cache[keys[i]] = torch.stack([out.hidden_states[l][j, :n] for l in needed]).cpu()
+        items = [self._encoder_cache[k] for k in keys]
+        frames = max(x.shape[1] for x in items)
+        stacked = torch.zeros(len(needed), len(items), frames, items[0].shape[-1])
+        for b, x in enumerate(items):
+            stacked[:, b, : x.shape[1]] = x
+        stacked = stacked.to(self.device)
+        hidden: list = [None] * (max(needed) + 1)
+        for j, l in enumerate(needed):
+            hidden[l] = stacked[j]
+        frame_lengths = torch.tensor([x.shape[1] for x in items], device=self.device)
+        return self.adapter.project(tuple(hidden), frame_lengths)
 
     @staticmethod
     def response_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

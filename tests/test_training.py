@@ -1,0 +1,140 @@
+"""Training on tiny random backbones: frozen LLM stays bit-identical, loss falls, resume, CLI fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from paraencoder.adapter import SpeechAdapter
+from paraencoder.data.dataset import AlignmentDataset, collate
+from paraencoder.errors import ManifestError
+from paraencoder.training import AlignmentData, AlignmentModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_module(llm_dir, whisper_dir, **kw) -> AlignmentModule:
+    args = dict(llm=str(llm_dir), encoder=str(whisper_dir), stack=2, projector_dim=64, lr=3e-3, warmup_steps=0, cache_encoder=False)
+    args.update(kw)
+    return AlignmentModule(**args)
+
+
+def make_data(manifest, llm_dir, tmp_path, **kw) -> AlignmentData:
+    args = dict(train_manifest=str(manifest), tasks=["respond", "emotion"], llm=str(llm_dir), batch_size=4, teacher_cache=str(tmp_path / "teacher"), teacher_max_new_tokens=6, bucket=False)
+    args.update(kw)
+    return AlignmentData(**args)
+
+
+def trainer(tmp_path, steps, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, **kw
+    )
+
+
+def test_llm_bit_identical_and_no_grad_after_training(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
+    L.seed_everything(0)
+    module = make_module(tiny_llm_dir, tiny_whisper_dir, train_layers="1", kl_weight=0.5, export_dir=str(tmp_path / "ad"))
+    before = {k: v.clone() for k, v in module.llm.model.state_dict().items()}
+    enc_frozen_before = module.adapter.encoder.transformer_layers()[0].fc1.weight.clone()
+    data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path)
+    trainer(tmp_path, 4).fit(module, data)
+    for k, v in module.llm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in module.llm.model.parameters())
+    # The frozen LLM is in no optimizer group; the trained encoder layer moved, the frozen one did not.
+    opt_params = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in module.llm.model.parameters()}
+    assert torch.equal(module.adapter.encoder.transformer_layers()[0].fc1.weight, enc_frozen_before)
+    assert (tmp_path / "ad" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_overfit_small_set_and_student_reproduces_teacher(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
+    """Loss on a fixed set falls clearly, and greedy replies from speech then equal the teacher's replies."""
+    L.seed_everything(0)
+    module = make_module(tiny_llm_dir, tiny_whisper_dir, lr=5e-3, cache_encoder=True)
+    data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path, tasks=["emotion"], batch_size=6)
+    data.setup("fit")
+    batch = collate([data.train_set[i] for i in range(len(data.train_set))])
+    with torch.no_grad():
+        first, _ = module.compute_loss(batch)
+    trainer(tmp_path, 150).fit(module, data)
+    with torch.no_grad():
+        last, _ = module.compute_loss(batch)
+    assert last.item() < 0.1 * first.item(), (first.item(), last.item())
+    examples = data.train_set.examples
+    replies = module.adapter.attach_llm(module.llm).generate([ex.audio for ex in examples], examples[0].student_prompt, max_new_tokens=8)
+    teacher = [module.llm.tokenizer.decode(module.llm.tokenizer(ex.reply, add_special_tokens=False)["input_ids"][:8]).strip() for ex in examples]
+    matches = sum(r == t for r, t in zip(replies, teacher))
+    assert matches == len(examples), list(zip(replies, teacher))
+
+
+def test_resume_continues_same_step_and_loss(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
+    def run(steps, ckpt_path=None, save_every=None):
+        L.seed_everything(0)
+        module = make_module(tiny_llm_dir, tiny_whisper_dir)
+        data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path, batch_size=2)
+        losses = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append((trainer.global_step, float(outputs["loss"])))
+
+        callbacks = [Record()]
+        if save_every:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_every, save_top_k=-1))
+        t = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
+        t.fit(module, data, ckpt_path=ckpt_path)
+        return losses, t
+
+    full, _ = run(6)
+    run(3, save_every=3)
+    ckpt = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
+    resumed, t = run(6, ckpt_path=str(ckpt))
+    assert t.global_step == 6
+    assert [s for s, _ in resumed] == [s for s, _ in full[3:]]
+    for (_, a), (_, b) in zip(resumed, full[3:]):
+        assert abs(a - b) < 1e-6, (resumed, full)
+    # The checkpoint holds only trainable tensors (no LLM, no frozen encoder).
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(k.startswith("adapter.projector") or k.startswith("adapter.layer_select") for k in state), list(state)[:5]
+
+
+def test_manifest_without_needed_labels_names_the_item(tmp_path, tiny_llm_dir):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "u1", "audio": str(tmp_path / "a.wav"), "emotion": "sad"}) + "\n")
+    data = make_data(manifest, tiny_llm_dir, tmp_path, tasks=["respond"])
+    with pytest.raises(ManifestError, match="u1"):
+        data.setup("fit")
+
+
+def write_recipe(tmp_path, llm_dir, whisper_dir, manifest) -> Path:
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    recipe["model"]["init_args"].update(llm=str(llm_dir), encoder=str(whisper_dir), layer="last", stack=2, projector_dim=64, export_dir=str(tmp_path / "adapter"))
+    recipe["data"]["init_args"].update(train_manifest=str(manifest), teacher_cache=str(tmp_path / "teacher"), teacher_max_new_tokens=6, max_examples=None)
+    recipe["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cli_fit_writes_loadable_adapter(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
+    recipe = write_recipe(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus / "manifest.jsonl")
+    proc = subprocess.run(
+        [sys.executable, "-m", "paraencoder.cli", "fit", "--config", str(recipe), "--trainer.max_steps", "6"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = SpeechAdapter.from_pretrained(tmp_path / "adapter", llm=str(tiny_llm_dir))
+    reply = adapter.generate(str(toy_corpus / "clip0.wav"), max_new_tokens=4)
+    assert isinstance(reply, str)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["training"]["stack"] == 2 and config["llm"]["weights_sha256"]
