@@ -8,6 +8,13 @@ which makes it a cheap, licence-free source of expressive training/probing data.
 
 libespeak-ng is global-state C code: it is initialised once per process and every call goes
 through one lock. Output is resampled from espeak's rate (22050 Hz) to 16 kHz with soxr.
+
+Determinism: espeak keeps static state across utterances (e.g. its pitch-flutter phase, which
+neither espeak_Terminate nor the random seed resets), so within one process the samples of a call
+depend on the calls before it. :func:`synthesize_corpus` therefore makes every clip in a freshly
+forked child of a worker process that has initialised espeak but never spoken: each clip is then a
+pure function of its arguments (same seed, same bytes; a deleted clip is regenerated identically).
+On systems without ``fork`` it falls back to in-process synthesis (not byte-reproducible).
 """
 
 from __future__ import annotations
@@ -15,7 +22,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import html
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +297,12 @@ def _engine() -> dict[str, object]:
 
     callback = _CALLBACK_TYPE(collect)  # kept referenced in _ENGINE so it is never garbage-collected
     lib.espeak_SetSynthCallback(callback)
-    _ENGINE.update(lib=lib, rate=rate, chunks=chunks, callback=callback)
+    # espeak-ng draws random numbers (pitch flutter, whisper noise); seeding before every utterance
+    # makes the output a pure function of (text, preset, voice, seed). Older builds lack the call.
+    set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
+    if set_seed is not None:
+        set_seed.argtypes = [ctypes.c_long]
+    _ENGINE.update(lib=lib, rate=rate, chunks=chunks, callback=callback, set_seed=set_seed)
     return _ENGINE
 
 
@@ -305,7 +321,7 @@ def _ssml(text: str, emphasis_word: int | None) -> str:
     return "<speak>" + " ".join(words) + "</speak>"
 
 
-def synthesize(text: str, preset: Preset | str = "neutral", voice: str = "en-us+m3", *, emphasis_word: int | None = None) -> np.ndarray:
+def synthesize(text: str, preset: Preset | str = "neutral", voice: str = "en-us+m3", *, emphasis_word: int | None = None, seed: int = 0) -> np.ndarray:
     """Speak ``text`` with a preset; float32 mono 16 kHz samples in [-1, 1].
 
     ``emphasis_word`` (index into ``text.split()``) is wrapped in SSML ``<emphasis>``; for a preset
@@ -327,6 +343,8 @@ def synthesize(text: str, preset: Preset | str = "neutral", voice: str = "en-us+
             raise ConfigError(f"synthesize: espeak-ng has no voice {name!r}; use a language code with an optional +variant, e.g. 'en-us+f3'")
         for param, value in ((_RATE, preset.rate), (_PITCH, preset.pitch), (_RANGE, preset.range), (_VOLUME, preset.volume)):
             lib.espeak_SetParameter(param, int(value), 0)
+        if engine["set_seed"] is not None:
+            engine["set_seed"](int(seed))
         chunks.clear()
         status = lib.espeak_Synth(payload, len(payload) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _SSML, None, None)
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
@@ -382,7 +400,6 @@ def synthesize_corpus(
     ``extra={"synthetic": True, "preset": name, "voice": voice}``. The manifest (if ``manifest``) is
     written atomically into ``out_dir``.
     """
-    from paraencoder.audio import write_audio
 
     if n < 0:
         raise ConfigError(f"synthesize_corpus: n must be >= 0, got {n}")
@@ -392,6 +409,7 @@ def synthesize_corpus(
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     utts = []
+    jobs: list[dict] = []
     for i in range(n):
         rng = random.Random(f"{seed}:{i}")
         base = chosen[i % len(chosen)]
@@ -402,10 +420,9 @@ def synthesize_corpus(
         utt_id = f"syn{seed}-{i:06d}-{base.name}"
         path = out / f"{utt_id}.flac"
         duration = _existing_ok(path)
+        clip_seed = rng.randrange(2**31)
         if duration is None:
-            wave = synthesize(text, preset, voice, emphasis_word=emphasis)
-            write_audio(path, wave, SAMPLE_RATE)
-            duration = wave.shape[0] / SAMPLE_RATE
+            jobs.append({"path": str(path), "text": text, "preset": dataclasses.asdict(preset), "voice": voice, "emphasis": emphasis, "seed": clip_seed})
         variant = voice.split("+", 1)[1] if "+" in voice else ""
         gender = "female" if variant.startswith("f") else "male" if variant.startswith("m") else None
         extra = {"synthetic": True, "preset": base.name, "voice": _voice_name(voice, base), "rate_wpm": preset.rate, "pitch": preset.pitch, "range": preset.range}
@@ -416,7 +433,7 @@ def synthesize_corpus(
                 id=utt_id,
                 audio=str(path),
                 transcript=text,
-                duration=round(duration, 4),
+                duration=None if duration is None else round(duration, 4),
                 speaker=f"espeak-{voice}",
                 language="en",
                 emotion=base.emotion,
@@ -427,6 +444,59 @@ def synthesize_corpus(
                 extra=extra,
             )
         )
+    if jobs:
+        _run_jobs(jobs)
+        for utt in utts:
+            if utt.duration is None:
+                utt.duration = round(_existing_ok(Path(utt.audio)) or 0.0, 4)
     if manifest:
         write_manifest(out / manifest, utts)
     return utts
+
+
+def _do_job(job: dict) -> None:
+    from paraencoder.audio import write_audio
+
+    wave = synthesize(job["text"], Preset(**job["preset"]), job["voice"], emphasis_word=job["emphasis"], seed=job["seed"])
+    write_audio(job["path"], wave, SAMPLE_RATE)
+
+
+def _run_jobs(jobs: list[dict]) -> None:
+    """Synthesize jobs in a worker process that forks a pristine child per clip (see module doc)."""
+    if not hasattr(os, "fork"):
+        for job in jobs:
+            _do_job(job)
+        return
+    proc = subprocess.run(
+        [sys.executable, "-m", "paraencoder.data.synthetic"], input=json.dumps(jobs), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if proc.returncode != 0:
+        raise BackboneError(f"espeak-ng synthesis worker failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+
+
+def _worker_main() -> None:
+    jobs = json.loads(sys.stdin.read())
+    import paraencoder.audio  # noqa: F401  (import once here, not in every forked child)
+    import soxr  # noqa: F401
+
+    with _LOCK:
+        _engine()  # initialise once, but never speak in this process: children start pristine
+    for job in jobs:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _do_job(job)
+            except BaseException as exc:  # report and exit the child whatever happens
+                print(f"{job['path']}: {exc}", file=sys.stderr)
+                code = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    _worker_main()
