@@ -6,7 +6,7 @@ With ``P = softmax(teacher / T)``, ``Q = softmax(student / T)`` and ``M = beta P
 
 The endpoints are special-cased as in TRL's GKD trainer: ``beta = 0`` is the forward
 ``KL(P || Q)`` and ``beta = 1`` the reverse ``KL(Q || P)`` (the mixture formula itself would give
-0 there). ``log M`` is a logsumexp of ``log P + log beta`` and ``log Q + log(1 - beta)``, so no
+0 there). ``log M`` is ``logaddexp`` of ``log P + log beta`` and ``log Q + log(1 - beta)``, so no
 probability is ever exponentiated and re-logged. Unlike :class:`ResponseKL`, the result is not
 multiplied by ``T**2`` (TRL's convention).
 """
@@ -28,7 +28,7 @@ from paraencoder.objectives.chunked import (
     chunked_token_loss,
     reduce_token_losses,
 )
-from paraencoder.objectives.kl import _plogp_ratio, teacher_head
+from paraencoder.objectives.kl import _plogp_ratio, teacher_head, teacher_log_probs, work_dtype
 
 
 def _check_beta(beta: float) -> float:
@@ -39,14 +39,14 @@ def _check_beta(beta: float) -> float:
 
 def jsd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
     """Generalized JSD of each row (last dim = vocabulary), in float32 (float64 stays float64)."""
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    dtype = work_dtype(student_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    log_p = teacher_log_probs(teacher_logits, temperature, dtype)
     if beta == 0.0:
         return _plogp_ratio(log_p, log_q)
     if beta == 1.0:
         return _plogp_ratio(log_q, log_p)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     return beta * _plogp_ratio(log_p, log_m) + (1.0 - beta) * _plogp_ratio(log_q, log_m)
 
 

@@ -37,10 +37,26 @@ DIRECTIONS = ("forward", "reverse")
 _FP16_MAX = 65504.0
 
 
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for the loss maths, unless the input is already float64 (references, tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _plogp_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """Rows of ``sum_v a_v (log a_v - log b_v)``, with ``0 * log 0 = 0``."""
-    a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(dim=-1)
+    """Rows of ``sum_v a_v (log a_v - log b_v)``.
+
+    One fused ``kl_div`` call: autograd saves only its two (already alive) inputs, which keeps
+    the per-chunk memory of forward + backward to a few ``[chunk, V]`` matrices.
+    """
+    return F.kl_div(log_b, log_a, reduction="none", log_target=True).sum(dim=-1)
+
+
+def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """Teacher log-probabilities (no gradient); ``-inf`` (masked ids) becomes a huge negative so
+    that ``0 * log 0`` terms give 0 rather than NaN."""
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+        return log_p.clamp_(min=torch.finfo(dtype).min)
 
 
 def kl_from_logits(
@@ -48,8 +64,9 @@ def kl_from_logits(
 ) -> torch.Tensor:
     """Per-row KL at temperature ``T``, scaled by ``T**2``: forward = KL(teacher || student)."""
     t = float(temperature)
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    dtype = work_dtype(student_logits)
+    log_q = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
+    log_p = teacher_log_probs(teacher_logits, t, dtype)
     kl = _plogp_ratio(log_p, log_q) if direction == "forward" else _plogp_ratio(log_q, log_p)
     return kl * (t * t)
 
@@ -59,8 +76,9 @@ def topk_kl_from_logits(
 ) -> torch.Tensor:
     """Per-row forward KL against a teacher renormalised over its top-k (see module docstring), times ``T**2``."""
     t = float(temperature)
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1).gather(1, indices.long())
-    log_p = F.log_softmax(values.float() / t, dim=-1)
+    dtype = work_dtype(student_logits)
+    log_q = F.log_softmax(student_logits.to(dtype) / t, dim=-1).gather(1, indices.long())
+    log_p = teacher_log_probs(values, t, dtype)
     return _plogp_ratio(log_p, log_q) * (t * t)
 
 
