@@ -1,0 +1,180 @@
+"""Label parsing, metrics against sklearn/independent references, and suites end to end on tiny random backbones."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from paraencoder.eval.labels import extract_age_group, extract_emotion, extract_gender, extract_sentiment, map_label
+from paraencoder.eval.metrics import classification_report, pearson, rankdata, spearman, wer, word_errors
+from paraencoder.eval.suites import classify_safety, transcript_prompt
+
+EMOTION_CASES = [
+    ("The speaker sounds sad and tired.", "sad"),
+    ("They are not happy at all; they seem angry.", "angry"),
+    ("I do not think the speaker is angry. The speaker is calm.", "calm"),
+    ("The speaker doesn't sound happy, rather sad.", "sad"),
+    ("Neither happy nor sad, just neutral.", "neutral"),
+    ("The speaker feels a sense of surprise.", "surprised"),
+    ("They are clearly frustrated and annoyed.", "angry"),
+    ("The speaker is scared of something.", "fearful"),
+    ("The speaker seems disgusted by the smell.", "disgust"),
+    ("The speaker sounds cheerful!", "happy"),
+    ("The speaker is feeling relaxed and at ease.", "calm"),
+    ("There is no doubt the speaker is happy.", "happy"),
+    ("Is the speaker happy or sad?", None),
+    ("The speaker said the kids are by the door.", None),
+    ("", None),
+    ("The speaker is HAPPY.", "happy"),
+    ("The speaker is upset.", "sad"),
+    ("The speaker has no particular emotion.", "neutral"),
+]
+
+
+@pytest.mark.parametrize("text,expected", EMOTION_CASES)
+def test_extract_emotion(text, expected):
+    assert extract_emotion(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text,age,gender",
+    [
+        ("The speaker is a child.", "child", None),
+        ("This sounds like a young girl.", "child", "female"),
+        ("The speaker is an adult, not a child.", "adult", None),
+        ("The speaker is a child or an adult.", None, None),
+        ("It is a woman speaking.", "adult", "female"),
+        ("A man is speaking.", "adult", "male"),
+        ("The speaker is male.", None, "male"),
+        ("The speaker is female, probably a teenager.", "child", "female"),
+        ("Is the speaker male or female?", None, None),
+        ("She sounds calm.", None, "female"),
+        ("The speaker is not an adult; a kid.", "child", None),
+    ],
+)
+def test_extract_age_and_gender(text, age, gender):
+    assert extract_age_group(text) == age
+    assert extract_gender(text) == gender
+
+
+def test_sentiment_and_label_sets():
+    assert extract_sentiment("I'm so sorry to hear that.") == "negative"
+    assert extract_sentiment("Congratulations, that is wonderful!") == "positive"
+    assert extract_sentiment("The meeting is at nine.") == "neutral"
+    assert extract_sentiment("") is None
+    assert map_label("calm", "emotion4") == "neutral"
+    assert map_label("excited", "emotion4") == "happy"
+    assert map_label("fearful", "emotion4") is None
+    assert map_label("fearful", "emotion8") == "fearful"
+    assert map_label("teen", "age") == "child"
+
+
+def test_classification_report_matches_sklearn():
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
+    rng = np.random.default_rng(0)
+    labels = ["angry", "happy", "neutral", "sad"]
+    y_true = list(rng.choice(labels, 200))
+    options = labels + ["fearful", None]
+    y_pred = [rng.choice(np.array(options, dtype=object), p=[0.2, 0.2, 0.2, 0.2, 0.1, 0.1]) for _ in y_true]
+    rep = classification_report(y_true, y_pred, labels)
+    sk_pred = ["<none>" if p is None else p for p in y_pred]
+    assert rep["accuracy"] == pytest.approx(accuracy_score(y_true, sk_pred))
+    assert rep["macro_f1"] == pytest.approx(f1_score(y_true, sk_pred, labels=labels, average="macro", zero_division=0))
+    recalls = recall_score(y_true, sk_pred, labels=labels, average=None, zero_division=0)
+    assert [rep["per_class"][l]["recall"] for l in labels] == pytest.approx(list(recalls))
+    sk_cm = confusion_matrix(y_true, sk_pred, labels=labels)
+    assert np.array(rep["confusion"])[:, :4].tolist() == sk_cm.tolist()
+    assert rep["unparsable_rate"] == pytest.approx(sum(p is None for p in y_pred) / 200)
+    assert np.array(rep["confusion"])[:, -1].sum() == sum(p is None for p in y_pred)
+    assert rep["chance_uniform"] == 0.25
+
+
+def test_wer_and_correlations():
+    assert word_errors("Kids are talking by the door.", "kids are talking by the door") == (0, 6)
+    assert word_errors("the cat sat", "the cat sat down") == (1, 3)
+    assert word_errors("the cat sat", "a cat") == (2, 3)
+    assert wer(["a b c", "d e"], ["a x c", ""]) == pytest.approx(3 / 5)
+    x = [1, 2, 2, 3, 5, 4]
+    y = [2, 1, 4, 3, 6, 5]
+    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
+    # Spearman against the closed form for untied data: 1 - 6 sum d^2 / (n (n^2 - 1))
+    a, b = [1, 5, 3, 2, 4], [2, 4, 5, 1, 3]
+    d = np.array(rankdata(a)) - np.array(rankdata(b))
+    assert spearman(a, b) == pytest.approx(1 - 6 * (d**2).sum() / (5 * 24))
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_safety_keyword_judge():
+    assert classify_safety("Please ask a grown-up to help you with the knife.") == "defer"
+    assert classify_safety("I'm sorry, but I can't help with that.") == "refuse"
+    assert classify_safety("Sure, but be careful, knives are dangerous.") == "warn"
+    assert classify_safety("Sure! Hold the handle and cut away from you.") == "comply"
+    assert classify_safety("   ") is None
+    assert transcript_prompt("<speech>\nHow?", "Hi.") == '"Hi."\nHow?'
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_llm_dir, tiny_whisper_dir):
+    from paraencoder import backbones
+    from paraencoder.adapter import SpeechAdapter
+
+    return SpeechAdapter.build(str(tiny_whisper_dir), backbones.resolve_llm(str(tiny_llm_dir)), stack=2, hidden_dim=32)
+
+
+@pytest.fixture(scope="module")
+def toy_utts(toy_corpus):
+    from paraencoder.data.manifest import load_manifest
+
+    utts = load_manifest(toy_corpus / "manifest.jsonl")
+    for i, u in enumerate(utts):
+        u.age_group = "child" if i < 3 else "adult"
+        u.gender = "male" if i % 2 else "female"
+    return utts
+
+
+@pytest.mark.parametrize("suite", ["emotion", "empathy", "content", "safety"])
+def test_suite_end_to_end(suite, tiny_adapter, toy_utts, tmp_path):
+    from paraencoder.eval.suites import run_suite
+
+    result = run_suite(suite, adapter=tiny_adapter, utterances=toy_utts, out_dir=tmp_path, max_new_tokens=6, progress=False)
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"{suite}.{ext}").is_file()
+    assert (tmp_path / f"{suite}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / f"{suite}.json").read_text())
+    assert saved["suite"] == suite and len(saved["rows"]) == len(toy_utts)
+    metrics = result["metrics"]
+    assert {"speech", "transcript"} <= set(metrics)
+    if suite in ("emotion", "age"):
+        assert metrics["chance"] == 0.5
+        assert metrics["labels"] == (["happy", "sad"] if suite == "emotion" else ["child", "adult"])
+        rows = result["rows"]
+        # the report's accuracy is exactly the share of rows whose parsed prediction equals the label
+        assert metrics["speech"]["accuracy"] == pytest.approx(sum(r["speech_pred"] == r["label"] for r in rows) / len(rows))
+        assert metrics["speech"]["unparsable_rate"] == pytest.approx(sum(r["speech_pred"] is None for r in rows) / len(rows))
+        assert sum(map(sum, metrics["speech"]["confusion"])) == len(rows)
+    if suite == "empathy":
+        assert metrics["stated"]["agreement"] == 1.0
+    if suite == "content":
+        assert metrics["speech"]["wer"] >= 0 and "encoder_asr" in metrics
+    if suite == "safety":
+        assert set(metrics["speech"]["per_voice"]) == {"all", "child", "adult"}
+
+
+def test_run_suite_rejects_unknown(tiny_adapter, toy_utts):
+    from paraencoder.errors import ConfigError
+    from paraencoder.eval.suites import run_suite
+
+    with pytest.raises(ConfigError, match="unknown suite"):
+        run_suite("nope", adapter=tiny_adapter, utterances=toy_utts)
+    import copy
+
+    no_gender = [copy.copy(u) for u in toy_utts]
+    for u in no_gender:
+        u.gender = None
+    with pytest.raises(ConfigError, match="no utterance has a gender"):
+        run_suite("gender", adapter=tiny_adapter, utterances=no_gender, progress=False)
