@@ -288,17 +288,32 @@ class AlignmentData(L.LightningDataModule):
 
     def _loader(self, dataset: AlignmentDataset, shuffle: bool) -> torch.utils.data.DataLoader:
         hp = self.hparams
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
         if hp.bucket:
             from paraencoder.data.sampling import LengthBucketSampler
 
-            world = self.trainer.world_size if self.trainer else 1
-            rank = self.trainer.global_rank if self.trainer else 0
             sampler = LengthBucketSampler(dataset.durations(), batch_size=hp.batch_size, shuffle=shuffle, seed=hp.seed, num_replicas=world, rank=rank)
-            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
-        g = torch.Generator().manual_seed(hp.seed)
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=hp.batch_size, shuffle=shuffle, generator=g, collate_fn=collate, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0
-        )
+        else:
+            # Batch order is a function of (seed, epoch) only, so a resumed process sees the same order.
+            from paraencoder.resume import EpochBatchSampler
+
+            sampler = EpochBatchSampler(len(dataset), hp.batch_size, shuffle=shuffle, seed=hp.seed, num_replicas=world, rank=rank)
+        kwargs = dict(collate_fn=collate, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        if not shuffle:
+            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
+        # Reliability: the training loader's position (epoch, batches consumed) goes into Lightning
+        # checkpoints, so resuming mid-epoch continues with the next unseen batch (paraencoder.resume).
+        from paraencoder.resume import ResumableDataLoader
+
+        return ResumableDataLoader(dataset, sampler, progress=self._train_progress, **kwargs)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on) from the trainer's loop counters, for resumption."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self):
         if self.train_set is None:
