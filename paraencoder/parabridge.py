@@ -1,0 +1,475 @@
+"""ParaBridge-style on-policy self-distillation from a privileged scaffold, in the frozen-LLM setting.
+
+A speech model often *perceives* a paralinguistic cue yet ignores it in open dialogue; an
+inference-time instruction scaffold ("pay attention to the speaker's emotion and age...") fixes
+that but is brittle. ParaBridge trains the scaffold-free model to behave like the scaffolded one:
+
+1. the **student** (speech soft tokens, no scaffold) samples its own reply (a *rollout*);
+2. the **teacher view** scores the same trajectory: either the same soft tokens plus the scaffold
+   instruction (``teacher_view="scaffold"``, label-free) or the transcript plus stated cues as text
+   (``teacher_view="text"``, our behavioral-alignment teacher);
+3. loss = generalized Jensen-Shannon divergence per token over the full vocabulary at the rollout
+   positions (``beta`` 0.5, temperature 1.2 in the paper). Gradient flows only through the student.
+
+Here the LLM is frozen: what trains is the speech adapter (projector, chosen encoder layers) and
+optionally a LoRA on a *private copy* of the LLM, saved separately (``lora.safetensors`` +
+``lora_config.json``) so the base weights stay bit-identical. The teacher view always runs the base
+LLM (LoRA disabled) on detached soft tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from paraencoder.data.dataset import AlignmentExample
+from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError
+from paraencoder.io import atomic_write_bytes, atomic_write_json
+from paraencoder.llm import FrozenLLM
+from paraencoder.prompts import SCAFFOLD
+from paraencoder.training import AlignmentData, AlignmentModule
+
+LORA_WEIGHTS_NAME = "lora.safetensors"
+LORA_CONFIG_NAME = "lora_config.json"
+TEACHER_VIEWS = ("scaffold", "text")
+SCAFFOLD_POSITIONS = ("system", "prefix")
+
+
+def parse_layers(spec: str | int | Sequence[int] | None) -> list[int] | None:
+    """``"12-29"``, ``"0,3,5"``, ``4`` or a list → sorted layer indices (``None`` = every layer)."""
+    if spec is None or spec == "" or spec == "all":
+        return None
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, str):
+        out: set[int] = set()
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    lo, hi = (int(x) for x in part.split("-", 1))
+                    out.update(range(lo, hi + 1))
+                elif part:
+                    out.add(int(part))
+            except ValueError:
+                raise ConfigError(f"lora_layers={spec!r}: expected layer indices like '12-29' or '0,3,5'") from None
+        return sorted(out)
+    return sorted(int(x) for x in spec)
+
+
+def scaffold_system(base: str | None, scaffold: str) -> str:
+    """The teacher's system prompt: the student's own system prompt followed by the scaffold."""
+    return f"{base}\n\n{scaffold}" if base else scaffold
+
+
+class ParaBridgeModule(AlignmentModule):
+    """On-policy self-distillation of a speech adapter towards a privileged (scaffolded) teacher view.
+
+    Every argument of :class:`~paraencoder.training.AlignmentModule` is accepted too (``llm``,
+    ``encoder``, ``layer``, ``stack``, ``lr``, ...).
+
+    Args:
+        beta: generalized JSD mixing weight (0 = forward KL(teacher||student), 1 = reverse KL).
+        jsd_temperature: temperature applied to both distributions in the JSD.
+        on_policy_share: lambda, the share of batches trained on the student's own rollouts; the rest
+            use the dataset's (teacher) replies. 1.0 = fully on-policy, as in the paper.
+        rollout_max_new_tokens: length cap of a rollout.
+        rollout_temperature: sampling temperature of rollouts (0 = greedy).
+        rollout_top_p: nucleus sampling threshold of rollouts.
+        rollout_reuse_steps: a rollout is reused for this many optimizer steps (keyed by example);
+            1 = fresh rollouts every step.
+        rollout_seed: seed of rollout sampling (combined with the step, so resumed runs repeat it).
+        teacher_view: ``"scaffold"`` (same soft tokens + scaffold instruction, label-free) or
+            ``"text"`` (transcript + stated cues as text, i.e. each example's ``teacher_prompt``).
+        scaffold: the scaffold instruction (default :data:`paraencoder.prompts.SCAFFOLD`).
+        scaffold_position: ``"system"`` (appended to the system prompt) or ``"prefix"`` (before the user turn).
+        init_adapter: an adapter directory whose weights initialise the adapter (on-policy
+            distillation starts from an adapter that already hears, e.g. a behavioral-alignment one).
+        lora_rank: rank of a LoRA on the LLM (0 = none; the LLM stays entirely frozen).
+        lora_alpha: LoRA scaling numerator (scale = alpha / rank).
+        lora_target_modules: LLM linear layers that get LoRA.
+        lora_layers: LLM decoder layers that get LoRA (``"12-23"``, ``"0,3"``; ``None`` = all).
+        ce_weight: cross-entropy on the dataset reply in off-policy batches (0 = JSD only).
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.5,
+        jsd_temperature: float = 1.2,
+        on_policy_share: float = 1.0,
+        rollout_max_new_tokens: int = 48,
+        rollout_temperature: float = 1.0,
+        rollout_top_p: float = 1.0,
+        rollout_reuse_steps: int = 1,
+        rollout_seed: int = 0,
+        teacher_view: str = "scaffold",
+        scaffold: str | None = None,
+        scaffold_position: str = "system",
+        init_adapter: str | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_target_modules: list[str] = ["q_proj", "v_proj"],  # noqa: B006 - jsonargparse needs a literal default
+        lora_layers: str | None = None,
+        ce_weight: float = 0.0,
+        **kwargs,
+    ):
+        if teacher_view not in TEACHER_VIEWS:
+            raise ConfigError(f"teacher_view={teacher_view!r}: choose one of {TEACHER_VIEWS}")
+        if scaffold_position not in SCAFFOLD_POSITIONS:
+            raise ConfigError(f"scaffold_position={scaffold_position!r}: choose one of {SCAFFOLD_POSITIONS}")
+        if not 0.0 <= on_policy_share <= 1.0:
+            raise ConfigError(f"on_policy_share={on_policy_share}: must lie in [0, 1] (share of on-policy batches)")
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"beta={beta}: the generalized JSD needs 0 <= beta <= 1")
+        if rollout_reuse_steps < 1 or rollout_max_new_tokens < 1:
+            raise ConfigError("rollout_reuse_steps and rollout_max_new_tokens must be >= 1")
+        if lora_rank < 0:
+            raise ConfigError(f"lora_rank={lora_rank}: must be >= 0")
+        super().__init__(ce_weight=ce_weight, **kwargs)
+        from paraencoder.objectives import GeneralizedJSD
+
+        self.jsd = GeneralizedJSD(beta=beta, temperature=jsd_temperature, chunk_size=self.hparams.chunk_size)
+        self.scaffold_text = SCAFFOLD if scaffold is None else scaffold
+        # example key -> (step it was sampled at, token ids)
+        self._rollout_cache: dict[tuple, tuple[int, list[int]]] = {}
+        self.last_step_stats: dict[str, float] = {}
+        self._lora_layers: list[nn.Module] = []
+        self.lora_params = nn.ParameterDict()
+        if lora_rank > 0:
+            self._add_lora()
+        if init_adapter:
+            load_adapter_weights(self.adapter, init_adapter, self.llm)
+
+    # -- LoRA on a private copy of the LLM ---------------------------------------------------------
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        hp = self.hparams
+        # The memoized LLM is shared (teacher-reply generation, other modules): LoRA goes on a copy.
+        private = FrozenLLM(copy.deepcopy(self.llm.model), self.llm.tokenizer, dict(self.llm.identity), self.llm.system_prompt)
+        config = LoraConfig(
+            r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=0.0, target_modules=list(hp.lora_target_modules),
+            layers_to_transform=parse_layers(hp.lora_layers), bias="none",
+        )
+        try:
+            inject_adapter_in_model(config, private.model)
+        except ValueError as exc:
+            raise ConfigError(f"lora_target_modules={list(hp.lora_target_modules)} / lora_layers={hp.lora_layers!r}: {exc}") from None
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._lora_layers = [m for m in private.model.modules() if isinstance(m, BaseTunerLayer)]
+        for name, param in private.model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+                self.lora_params[name.replace(".", "__")] = param
+        self.llm = private
+        self.adapter.attach_llm(private)
+
+    @contextlib.contextmanager
+    def base_llm(self) -> Iterator[None]:
+        """Run the LLM without its LoRA (the teacher view always uses the frozen base)."""
+        if not self._lora_layers:
+            yield
+            return
+        for layer in self._lora_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer.enable_adapters(True)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA tensors under their names in the LLM (empty without LoRA)."""
+        return {k.replace("__", "."): v.detach().cpu().contiguous() for k, v in self.lora_params.items()}
+
+    def save_lora(self, directory: str | os.PathLike) -> Path | None:
+        """Write ``lora.safetensors`` + ``lora_config.json`` into ``directory`` (nothing without LoRA)."""
+        if not self.lora_params:
+            return None
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        hp = self.hparams
+        atomic_write_bytes(directory / LORA_WEIGHTS_NAME, save(self.lora_state_dict(), metadata={"format": "pt", "library": "paraencoder"}))
+        atomic_write_json(
+            directory / LORA_CONFIG_NAME,
+            {
+                "library": "paraencoder",
+                "kind": "lora",
+                "rank": int(hp.lora_rank),
+                "alpha": float(hp.lora_alpha),
+                "target_modules": list(hp.lora_target_modules),
+                "layers": parse_layers(hp.lora_layers),
+                "llm": self.llm.identity,
+                "weights": {k: list(v.shape) for k, v in self.lora_state_dict().items()},
+            },
+        )
+        return directory
+
+    # -- optimisation: the adapter (parent) plus the LoRA tensors ---------------------------------
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if not self.lora_params:
+            return config
+        optimizer = config["optimizer"]
+        optimizer.add_param_group({"params": list(self.lora_params.values()), "weight_decay": 0.0})
+        schedule = config["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        # Rebuild the scheduler so it knows the new group (one schedule for every group).
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return config
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        target = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
+        self.save_lora(target)
+
+    # -- prompts of the two views ------------------------------------------------------------------
+    def _system(self, examples: Sequence[AlignmentExample]) -> str | None:
+        return examples[0].system if examples and examples[0].system is not None else self.llm.system_prompt
+
+    def teacher_prompts(self, examples: Sequence[AlignmentExample]) -> tuple[list[str], str | None]:
+        """User prompts and system prompt of the teacher view."""
+        base = self._system(examples)
+        if self.hparams.teacher_view == "text":
+            return [ex.teacher_prompt for ex in examples], base
+        if self.hparams.scaffold_position == "system":
+            return [ex.student_prompt for ex in examples], scaffold_system(base, self.scaffold_text)
+        return [f"{self.scaffold_text}\n\n{ex.student_prompt}" for ex in examples], base
+
+    def _forward_hidden(self, prompts, replies, system, soft, soft_lengths, histories=None):
+        """Response-position hidden states ``[N, H]`` and targets ``[N]`` for prompts + replies."""
+        speech = soft is not None
+        enc = self.llm.encode(
+            prompts, num_speech_tokens=soft_lengths.tolist() if speech else None, replies=replies, system=system,
+            histories=histories, require_speech=speech,
+        ).to(self.device)
+        embeds = self.llm.embed(enc, soft, soft_lengths) if speech else self.llm.embed(enc)
+        hidden = self.llm.hidden_states(embeds, enc.attention_mask)
+        return self.response_hidden(hidden, enc.labels)
+
+    def student_hidden(self, examples, replies, soft, soft_lengths, histories=None):
+        """Scaffold-free student view (differentiable in ``soft``)."""
+        return self._forward_hidden([ex.student_prompt for ex in examples], replies, self._system(examples), soft, soft_lengths, histories)
+
+    def teacher_view_hidden(self, examples, replies, soft, soft_lengths, histories=None) -> torch.Tensor:
+        """Teacher-view hidden states at the same reply tokens: base LLM, detached soft tokens, no gradient."""
+        prompts, system = self.teacher_prompts(examples)
+        with torch.no_grad(), self.base_llm():
+            if self.hparams.teacher_view == "text":
+                h, _ = self._forward_hidden(prompts, replies, system, None, None, histories)
+            else:
+                h, _ = self._forward_hidden(prompts, replies, system, soft.detach(), soft_lengths, histories)
+        return h
+
+    # -- rollouts ----------------------------------------------------------------------------------
+    @staticmethod
+    def example_key(ex: AlignmentExample) -> tuple:
+        return (ex.utt_id, ex.task, ex.audio, ex.offset, ex.student_prompt)
+
+    @torch.no_grad()
+    def sample_rollouts(self, examples, soft, soft_lengths, *, seed: int, histories=None) -> list[list[int]]:
+        """Batched KV-cached sampling from the scaffold-free student (left-padded ``inputs_embeds``)."""
+        hp = self.hparams
+        enc = self.llm.encode(
+            [ex.student_prompt for ex in examples], num_speech_tokens=soft_lengths.tolist(), system=self._system(examples),
+            histories=histories, padding_side="left",
+        ).to(self.device)
+        embeds = self.llm.embed(enc, soft.detach(), soft_lengths)
+        greedy = hp.rollout_temperature <= 0
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        # A private RNG stream per step: reproducible on resume, and training randomness is untouched.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            _, ids = self.llm.generate_embeds(
+                embeds, enc.attention_mask, max_new_tokens=hp.rollout_max_new_tokens, do_sample=not greedy,
+                temperature=max(hp.rollout_temperature, 1e-5), top_p=hp.rollout_top_p, return_ids=True,
+            )
+        return ids
+
+    def rollouts(self, examples, soft, soft_lengths, step: int, *, use_cache: bool = True) -> list[list[int]]:
+        """Rollout ids per example, reusing cached ones younger than ``rollout_reuse_steps`` steps."""
+        reuse = self.hparams.rollout_reuse_steps
+        keys = [self.example_key(ex) for ex in examples]
+        fresh = [i for i, k in enumerate(keys) if not (use_cache and k in self._rollout_cache and step - self._rollout_cache[k][0] < reuse)]
+        out: list[list[int] | None] = [None] * len(examples)
+        for i, k in enumerate(keys):
+            if i not in fresh:
+                out[i] = list(self._rollout_cache[k][1])
+        if fresh:
+            idx = torch.tensor(fresh, device=soft.device)
+            sampled = self.sample_rollouts(
+                [examples[i] for i in fresh], soft.detach()[idx], soft_lengths[idx], seed=self.hparams.rollout_seed * 1_000_003 + step
+            )
+            for i, ids in zip(fresh, sampled):
+                out[i] = list(ids)
+                if use_cache and reuse > 1:
+                    self._rollout_cache[keys[i]] = (step, list(ids))
+        if use_cache and reuse > 1:
+            # Forget rollouts too old to be reused again (bounded memory).
+            self._rollout_cache = {k: v for k, v in self._rollout_cache.items() if step - v[0] < reuse}
+        self.last_step_stats.update(generated=len(fresh), reused=len(examples) - len(fresh))
+        return out  # type: ignore[return-value]
+
+    def is_on_policy(self, step: int) -> bool:
+        """Whether batch ``step`` trains on rollouts (a seeded draw with probability ``on_policy_share``)."""
+        share = self.hparams.on_policy_share
+        if share >= 1.0 or share <= 0.0:
+            return share >= 1.0
+        g = torch.Generator().manual_seed(self.hparams.rollout_seed * 7919 + step)
+        return bool(torch.rand(1, generator=g).item() < share)
+
+    def _step(self) -> int:
+        return int(self.trainer.global_step) if self._trainer is not None else 0
+
+    # -- the loss ------------------------------------------------------------------------------------
+    def compute_loss(
+        self, batch: dict, *, step: int | None = None, on_policy: bool | None = None, use_cache: bool = True,
+        replies: list[list[int] | str] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Generalized JSD between student and teacher view at reply positions (rollouts or dataset replies).
+
+        ``replies`` fixes the trajectories (e.g. a fixed evaluation set); otherwise ``on_policy``
+        (default: the seeded lambda draw for ``step``) picks rollouts or the dataset's replies.
+        """
+        examples: list[AlignmentExample] = batch["examples"]
+        step = self._step() if step is None else step
+        start = time.perf_counter()
+        soft, soft_lengths = self.soft_tokens(batch)
+        rollout_s = 0.0
+        if replies is None:
+            on_policy = self.is_on_policy(step) if on_policy is None else on_policy
+            if on_policy:
+                t0 = time.perf_counter()
+                replies = self.rollouts(examples, soft, soft_lengths, step, use_cache=use_cache)
+                rollout_s = time.perf_counter() - t0
+            else:
+                missing = [ex.utt_id for ex in examples if ex.reply is None]
+                if missing:
+                    raise ConfigError(
+                        f"off-policy batch but examples {missing[:3]} have no dataset reply; generate teacher replies "
+                        "(ParaBridgeData teacher_replies: true) or set on_policy_share: 1.0"
+                    )
+                replies = [ex.reply for ex in examples]
+        h, targets = self.student_hidden(examples, replies, soft, soft_lengths)
+        teacher = self.teacher_view_hidden(examples, replies, soft, soft_lengths)
+        head = self.llm.lm_head
+        bias = getattr(head, "bias", None)
+        loss = self.jsd(h, head.weight, teacher_hidden=teacher, bias=bias)
+        if isinstance(loss, tuple):
+            loss = loss[0]
+        parts = {"jsd": loss.detach()}
+        if not on_policy and self.hparams.ce_weight > 0:
+            ce, _ = self.objective(h, head.weight, targets, bias=bias)
+            loss = loss + self.hparams.ce_weight * ce
+            parts["ce"] = ce.detach()
+        parts["on_policy"] = torch.tensor(float(bool(on_policy)))
+        parts["reply_tokens"] = torch.tensor(float(targets.numel()) / max(1, len(examples)))
+        self.last_step_stats.update(on_policy=float(bool(on_policy)), rollout_s=rollout_s, forward_s=time.perf_counter() - start - rollout_s)
+        return loss, parts
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Validation rollouts are seeded by the batch index and never cached.
+        on_policy = self.hparams.on_policy_share > 0
+        loss, _ = self.compute_loss(batch, step=batch_idx, on_policy=on_policy, use_cache=False)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["examples"]), sync_dist=True)
+
+
+class ParaBridgeData(AlignmentData):
+    """:class:`~paraencoder.training.AlignmentData` that can skip teacher replies (label-free, fully on-policy runs).
+
+    Args:
+        teacher_replies: generate/cache the text teacher's replies (needed when ``on_policy_share < 1``).
+    """
+
+    def __init__(self, *, teacher_replies: bool = True, **kwargs):
+        super().__init__(**kwargs)
+
+    def _examples(self, manifest: str) -> list[AlignmentExample]:
+        if self.hparams.teacher_replies:
+            return super()._examples(manifest)
+        from paraencoder.data.dataset import build_examples
+        from paraencoder.data.manifest import load_manifest
+        from paraencoder.prompts import get_tasks
+
+        examples = build_examples(load_manifest(manifest), get_tasks(self.hparams.tasks), source=manifest)
+        if self.hparams.max_examples:
+            g = torch.Generator().manual_seed(self.hparams.seed)
+            order = torch.randperm(len(examples), generator=g).tolist()
+            examples = [examples[i] for i in order[: self.hparams.max_examples]]
+        return examples
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def load_adapter_weights(adapter, directory: str | os.PathLike, llm: FrozenLLM) -> None:
+    """Initialise ``adapter`` in place from a saved adapter directory (same LLM and projector shape)."""
+    from paraencoder.adapter import WEIGHTS_NAME, check_llm_identity, read_adapter_config, read_safetensors_checked
+
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    check_llm_identity(config["llm"], llm.identity)
+    mine = adapter.config["projector"]
+    for key in ("layer", "stack", "hidden_dim", "activation", "in_dim", "out_dim"):
+        if config["projector"].get(key) != mine.get(key):
+            raise AdapterMismatchError(
+                f"init_adapter {directory} has projector {key}={config['projector'].get(key)!r} but this run builds "
+                f"{key}={mine.get(key)!r}; set the model's layer/stack/projector_dim/activation to match the adapter"
+            )
+    expected = {name: tuple(t.shape) for name, t in adapter.state_dict().items()}
+    state = read_safetensors_checked(directory / WEIGHTS_NAME, expected)
+    adapter.load_state_dict(state, strict=False)
+
+
+def load_lora(directory: str | os.PathLike, llm: FrozenLLM) -> FrozenLLM:
+    """A private copy of ``llm`` with the LoRA saved in ``directory`` (the given LLM is not modified)."""
+    from paraencoder.adapter import check_llm_identity
+    from peft import LoraConfig, inject_adapter_in_model
+
+    directory = Path(directory)
+    path = directory / LORA_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: {directory} holds no LoRA")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnsafeFileError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("kind") != "lora" or not isinstance(config.get("weights"), dict):
+        raise UnsafeFileError(f"{path} is not a paraencoder LoRA config")
+    check_llm_identity(config.get("llm") or {}, llm.identity)
+    private = FrozenLLM(copy.deepcopy(llm.model), llm.tokenizer, dict(llm.identity), llm.system_prompt)
+    lora = LoraConfig(
+        r=int(config["rank"]), lora_alpha=float(config["alpha"]), lora_dropout=0.0, target_modules=list(config["target_modules"]),
+        layers_to_transform=config.get("layers"), bias="none",
+    )
+    inject_adapter_in_model(lora, private.model)
+    from paraencoder.adapter import read_safetensors_checked
+
+    expected = {k: tuple(v) for k, v in config["weights"].items()}
+    present = {name for name, _ in private.model.named_parameters()}
+    if set(expected) - present:
+        raise AdapterMismatchError(f"{directory / LORA_WEIGHTS_NAME} has tensors this LLM lacks: {sorted(set(expected) - present)[:3]}")
+    state = read_safetensors_checked(directory / LORA_WEIGHTS_NAME, expected)
+    private.model.load_state_dict(state, strict=False)
+    private.model.requires_grad_(False)
+    return private
+
+
+def load_parabridge(directory: str | os.PathLike, llm: str | FrozenLLM | None = None, **kwargs):
+    """Load a ParaBridge adapter directory: the adapter, attached to the LLM plus its LoRA when one was saved."""
+    from paraencoder.adapter import SpeechAdapter
+
+    adapter = SpeechAdapter.from_pretrained(directory, llm=llm, **kwargs)
+    if (Path(directory) / LORA_CONFIG_NAME).is_file():
+        adapter.attach_llm(load_lora(directory, adapter.llm))
+    return adapter
