@@ -1,0 +1,275 @@
+"""Contextual paralinguistic QA (after Wang et al. 2025): explicit metadata and generated QA pairs.
+
+Two ways to make the frozen LLM use *how* something was said:
+
+* **explicit**: categorical + dimensional metadata rendered as text,
+  ``[speaker metadata: emotion=sad, valence=1.7/5, arousal=2.5/5, dominance=2.2/5]``, prefixed to
+  the teacher prompt (and optionally the student prompt);
+* **implicit**: question-answer pairs per utterance that need both the words and the
+  paralinguistics ("Why might the speaker be upset about the door?"), written by any judge backend
+  (:mod:`paraencoder.eval.judge`) from transcript + emotion + valence/arousal/dominance.
+
+Generated pairs are cached in a :class:`paraencoder.data.teacher.TeacherCache` directory (atomic
+JSONL parts, so a killed run resumes without redoing finished items), keyed by sha256 of the
+generator identity, the template and the inputs; they are schema-checked and deduplicated, and
+become :class:`paraencoder.data.dataset.AlignmentExample` objects (task ``"qa"``).
+
+Valence/arousal/dominance come from the manifest when present (rescaled to 1-5 from the corpus
+scale), else from :data:`CATEGORY_VAD` (approximate PAD coordinates, see docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from paraencoder.data.dataset import AlignmentExample
+from paraencoder.data.teacher import TeacherCache
+from paraencoder.llm import SPEECH
+from paraencoder.prompts import Task
+
+__all__ = [
+    "CATEGORY_VAD",
+    "vad_of",
+    "render_metadata",
+    "explicit_examples",
+    "qa_key",
+    "validate_pairs",
+    "generate_qa",
+    "QAReport",
+    "qa_examples",
+]
+
+QA_VERSION = 1
+
+# Pleasure/arousal/dominance of emotion terms on -1..1, approximately as tabulated by Russell &
+# Mehrabian (1977) and reused in the ALMA affect model (Gebhard 2005); mapped to 1..5 by 3 + 2x.
+_PAD = {
+    "neutral": (0.0, 0.0, 0.0),
+    "calm": (0.6, -0.6, 0.2),
+    "happy": (0.8, 0.5, 0.45),
+    "excited": (0.6, 0.8, 0.4),
+    "sad": (-0.65, -0.25, -0.35),
+    "angry": (-0.5, 0.6, 0.25),
+    "frustrated": (-0.65, 0.5, -0.1),
+    "fearful": (-0.65, 0.6, -0.45),
+    "disgust": (-0.6, 0.35, 0.1),
+    "surprised": (0.4, 0.65, -0.15),
+    "bored": (-0.65, -0.6, -0.35),
+    "contempt": (-0.55, 0.4, 0.45),
+}
+CATEGORY_VAD: dict[str, tuple[float, float, float]] = {k: tuple(round(3 + 2 * x, 2) for x in v) for k, v in _PAD.items()}  # type: ignore[misc]
+"""Emotion category → (valence, arousal, dominance) on a 1-5 scale (approximate; see module docstring)."""
+
+# Corpus scales of dimensional labels, for rescaling to 1-5.
+_CORPUS_SCALE = {"iemocap": (1.0, 5.0), "msp-podcast": (1.0, 7.0), "msp_podcast": (1.0, 7.0)}
+
+
+def vad_of(utt) -> tuple[tuple[float, float, float] | None, str]:
+    """``((valence, arousal, dominance) on 1-5, source)``; source is ``"manifest"``, ``"category"`` or ``"none"``."""
+    dims = (utt.valence, utt.arousal, utt.dominance)
+    if all(d is not None for d in dims):
+        lo, hi = _CORPUS_SCALE.get((utt.corpus or "").lower(), (1.0, 7.0) if max(dims) > 5 else (1.0, 5.0))
+        return tuple(round(1 + 4 * (d - lo) / (hi - lo), 2) for d in dims), "manifest"  # type: ignore[return-value]
+    if utt.emotion and utt.emotion in CATEGORY_VAD:
+        return CATEGORY_VAD[utt.emotion], "category"
+    return None, "none"
+
+
+def render_metadata(utt, *, dimensional: bool = True, extra_fields: Sequence[str] = ("age_group", "gender", "style")) -> str:
+    """``[speaker metadata: emotion=sad, valence=1.7/5, arousal=2.5/5, dominance=2.2/5, age_group=adult]``."""
+    parts = []
+    if utt.emotion:
+        parts.append(f"emotion={utt.emotion}")
+    if dimensional:
+        vad, _ = vad_of(utt)
+        if vad is not None:
+            parts += [f"valence={vad[0]:.1f}/5", f"arousal={vad[1]:.1f}/5", f"dominance={vad[2]:.1f}/5"]
+    for name in extra_fields:
+        value = getattr(utt, name, None)
+        if value:
+            parts.append(f"{name}={value}")
+    return f"[speaker metadata: {', '.join(parts)}]" if parts else ""
+
+
+def explicit_examples(utterances: Sequence, tasks: Sequence[Task], *, student_metadata: bool = False, system: str | None = None) -> list[AlignmentExample]:
+    """Alignment examples whose teacher prompt starts with the rendered metadata (explicit mode).
+
+    With ``student_metadata`` the student prompt gets the same prefix (metadata given at inference,
+    e.g. from an upstream classifier); otherwise the student must recover it from speech.
+    """
+    from paraencoder.data.dataset import build_examples
+
+    examples = build_examples(utterances, tasks, system=system)
+    by_id = {u.id: u for u in utterances}
+    for ex in examples:
+        meta = render_metadata(by_id[ex.utt_id])
+        if not meta or ex.reply is not None:
+            continue  # content tasks (reply = transcript) are left as they are
+        ex.teacher_prompt = f"{meta}\n{ex.teacher_prompt}"
+        if student_metadata:
+            ex.student_prompt = f"{meta}\n{ex.student_prompt}"
+        ex.task = f"{ex.task}+meta"
+    return examples
+
+
+def _inputs(utt, n: int) -> dict:
+    return {"transcript": utt.transcript, "metadata": render_metadata(utt, extra_fields=()), "n": n}
+
+
+def qa_key(generator_identity: dict, template: dict, inputs: dict) -> str:
+    """sha256 of the generator's identity, the template text and the inputs."""
+    payload = {"v": QA_VERSION, "generator": generator_identity, "template": {k: template.get(k) for k in ("system", "user")}, "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+_NONANSWER = re.compile(r"^\s*(?:i don'?t know|unknown|n/?a|none|not sure|\.\.\.)\W*$", re.IGNORECASE)
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def validate_pairs(value, *, emotion: str | None = None) -> tuple[list[dict], list[str]]:
+    """Keep well-formed, distinct pairs: ``(pairs, reasons for every dropped one)``.
+
+    A pair needs a question (>= 4 words, ending in "?") and an answer (>= 2 words, not "I don't
+    know"); a question that states the emotion word itself is dropped (it would leak the label).
+    """
+    if isinstance(value, dict):
+        value = value.get("pairs") or value.get("qa") or [value]
+    if not isinstance(value, list):
+        return [], [f"not a list of pairs: {type(value).__name__}"]
+    kept, dropped, seen = [], [], set()
+    for item in value:
+        if not isinstance(item, dict):
+            dropped.append("pair is not an object")
+            continue
+        q, a = str(item.get("question") or "").strip(), str(item.get("answer") or "").strip()
+        if len(q.split()) < 4 or not q.endswith("?"):
+            dropped.append(f"bad question {q!r}")
+        elif len(a.split()) < 2 or _NONANSWER.match(a):
+            dropped.append(f"bad answer {a!r} to {q!r}")
+        elif emotion and re.search(r"\b" + re.escape(emotion) + r"\b", q, re.IGNORECASE):
+            dropped.append(f"question states the label {emotion!r}: {q!r}")
+        elif _norm(q) in seen:
+            dropped.append(f"duplicate question {q!r}")
+        else:
+            seen.add(_norm(q))
+            kept.append({"question": q, "answer": a})
+    return kept, dropped
+
+
+@dataclass
+class QAReport:
+    """What :func:`generate_qa` did."""
+
+    requested: int = 0
+    cached: int = 0
+    generated: int = 0
+    failed: int = 0
+    invalid: int = 0
+    pairs: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+def generate_qa(
+    utterances: Sequence,
+    generator,
+    cache: TeacherCache,
+    *,
+    n: int = 2,
+    template: str = "qa_generate",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, list[dict]], QAReport]:
+    """QA pairs per utterance id, generated by ``generator`` (a judge backend) only where not cached.
+
+    Utterances need a transcript and an emotion. Failed generations (backend errors) and items with
+    no valid pair are reported and *not* cached, so a rerun retries them. Pairs are deduplicated
+    per utterance and across utterances with the same transcript and metadata.
+    """
+    tpl = generator.template(template)
+    report = QAReport()
+    todo: dict[str, tuple[dict, object]] = {}
+    keys: dict[str, str] = {}
+    for utt in utterances:
+        if not (utt.transcript and utt.emotion):
+            continue
+        report.requested += 1
+        inputs = _inputs(utt, n)
+        key = qa_key(generator.identity, tpl, inputs)
+        keys[utt.id] = key
+        if key in cache:
+            report.cached += 1
+        elif key not in todo:
+            todo[key] = (inputs, utt)
+    pending = list(todo.items())
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pending), desc="qa pairs", unit="utt")
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start : start + batch_size]
+        verdicts = generator.judge(template, [inputs for _, (inputs, _) in chunk])
+        records = []
+        for (key, (inputs, utt)), verdict in zip(chunk, verdicts):
+            if verdict.status == "failed":
+                report.failed += 1
+                report.dropped.append(f"{utt.id}: generator failed ({verdict.error})")
+                continue
+            pairs, dropped = validate_pairs(verdict.value, emotion=utt.emotion)
+            report.dropped += [f"{utt.id}: {d}" for d in dropped]
+            if not pairs:
+                report.invalid += 1
+                continue
+            report.generated += 1
+            records.append({"key": key, "reply": json.dumps(pairs, ensure_ascii=False), "utt": utt.id})
+        if records:
+            cache.add(records)
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    out: dict[str, list[dict]] = {}
+    for utt_id, key in keys.items():
+        cached = cache.get(key)
+        if cached is not None:
+            out[utt_id] = json.loads(cached)
+            report.pairs += len(out[utt_id])
+    return out, report
+
+
+def qa_examples(utterances: Sequence, qa: dict[str, list[dict]], *, reply: str = "answer", system: str | None = None) -> list[AlignmentExample]:
+    """Alignment examples (task ``"qa"``): student ``<speech>\\n{question}``; teacher = transcript + metadata + question.
+
+    ``reply="answer"`` uses the generated answer as the target; ``"teacher"`` leaves ``reply=None``
+    for :func:`paraencoder.data.dataset.attach_teacher_replies` to fill with the frozen LLM's own answer.
+    """
+    if reply not in ("answer", "teacher"):
+        raise ValueError(f"reply must be 'answer' or 'teacher', got {reply!r}")
+    examples = []
+    for utt in utterances:
+        for pair in qa.get(utt.id, []):
+            labels = dict(utt.labels())
+            labels["transcript"] = utt.transcript
+            examples.append(
+                AlignmentExample(
+                    utt_id=utt.id,
+                    audio=utt.audio,
+                    offset=utt.offset or 0.0,
+                    duration=utt.duration,
+                    task="qa",
+                    student_prompt=f"{SPEECH}\n{pair['question']}",
+                    teacher_prompt=f'Someone said "{utt.transcript}" {render_metadata(utt)}\n{pair["question"]}',
+                    system=system,
+                    reply=pair["answer"] if reply == "answer" else None,
+                    labels=labels,
+                    transcript=utt.transcript,
+                )
+            )
+    return examples

@@ -1,0 +1,102 @@
+"""Contextual paralinguistic QA: metadata rendering, VAD mapping, schema checks, cache resume, alignment examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paraencoder.data.manifest import Utterance
+from paraencoder.data.qa import CATEGORY_VAD, explicit_examples, generate_qa, qa_examples, render_metadata, validate_pairs, vad_of
+from paraencoder.data.teacher import TeacherCache
+from paraencoder.eval.judge import Judge
+from paraencoder.prompts import TASKS
+
+
+def utt(i, emotion="sad", **kw):
+    return Utterance(id=f"u{i}", audio=f"/x/u{i}.wav", transcript="The door is open.", emotion=emotion, speaker="s", **kw)
+
+
+def test_metadata_and_vad():
+    assert CATEGORY_VAD["neutral"] == (3.0, 3.0, 3.0)
+    v, a, d = CATEGORY_VAD["sad"]
+    assert v < 3 and a < 3 and CATEGORY_VAD["angry"][1] > 3 and CATEGORY_VAD["happy"][0] > 3
+    assert render_metadata(utt(0)) == f"[speaker metadata: emotion=sad, valence={v:.1f}/5, arousal={a:.1f}/5, dominance={d:.1f}/5]"
+    msp = utt(1, valence=7.0, arousal=1.0, dominance=4.0, corpus="msp-podcast")
+    assert vad_of(msp) == ((5.0, 1.0, 3.0), "manifest")
+    assert vad_of(Utterance(id="z", audio="a")) == (None, "none")
+    ex = explicit_examples([utt(0)], [TASKS["emotion"], TASKS["repeat"]])
+    emotion_ex = next(e for e in ex if e.task.startswith("emotion"))
+    assert emotion_ex.teacher_prompt.startswith("[speaker metadata: emotion=sad") and emotion_ex.task == "emotion+meta"
+    assert "[speaker metadata" not in emotion_ex.student_prompt
+    assert next(e for e in ex if e.task == "repeat").reply == "The door is open."
+
+
+def test_validate_pairs():
+    pairs, dropped = validate_pairs(
+        [
+            {"question": "Why might the speaker be upset about the door?", "answer": "They may feel unsafe."},
+            {"question": "why might the speaker be upset about the door", "answer": "dup"},
+            {"question": "Why might the speaker be upset about the door?", "answer": "Duplicate of the first."},
+            {"question": "Is the speaker sad about it?", "answer": "Yes they are."},
+            {"question": "What does the speaker want?", "answer": "I don't know"},
+            "junk",
+        ],
+        emotion="sad",
+    )
+    assert pairs == [{"question": "Why might the speaker be upset about the door?", "answer": "They may feel unsafe."}]
+    assert len(dropped) == 5
+    assert validate_pairs("not json")[0] == []
+
+
+class FakeGenerator(Judge):
+    name = "fake"
+
+    def __init__(self, fail_ids=()):
+        super().__init__()
+        self.calls = 0
+        self.fail_ids = set(fail_ids)
+
+    @property
+    def identity(self):
+        return {"backend": "fake", "version": 1}
+
+    def complete(self, messages):
+        out = []
+        for _system, user in messages:
+            self.calls += 1
+            if "angry" in user and self.fail_ids:
+                out.append((None, "boom", 1))
+                continue
+            emo = "loud" if "angry" in user else "quiet"
+            out.append((json.dumps([{"question": f"Why might the speaker sound that way about the door ({emo} voice)?", "answer": "Something about the door bothers them."}]), None, 1))
+        return out
+
+
+def test_generate_qa_cache_resume_and_examples(tmp_path):
+    utts = [utt(0), utt(1), utt(2, emotion="angry")]  # u0 and u1 share inputs: generated once
+    cache = TeacherCache(tmp_path / "qa")
+    gen = FakeGenerator(fail_ids={"u2"})
+    qa, report = generate_qa(utts, gen, cache, progress=False)
+    assert gen.calls == 2 and report.generated == 1 and report.failed == 1 and set(qa) == {"u0", "u1"}
+    # resume: a new process (fresh cache object) redoes only the failed item
+    gen2 = FakeGenerator()
+    qa2, report2 = generate_qa(utts, gen2, TeacherCache(tmp_path / "qa"), progress=False)
+    assert gen2.calls == 1 and report2.cached == 2 and set(qa2) == {"u0", "u1", "u2"}
+    gen3 = FakeGenerator()
+    generate_qa(utts, gen3, TeacherCache(tmp_path / "qa"), progress=False)
+    assert gen3.calls == 0
+    # a different template (or generator) is a different key
+    gen4 = FakeGenerator()
+    gen4.templates = {**gen4.templates, "qa_generate": {**gen4.templates["qa_generate"], "user": gen4.templates["qa_generate"]["user"] + " Be brief."}}
+    generate_qa(utts[:1], gen4, TeacherCache(tmp_path / "qa"), progress=False)
+    assert gen4.calls == 1
+    examples = qa_examples(utts, qa2)
+    assert len(examples) == 3 and all(e.task == "qa" for e in examples)
+    e = examples[0]
+    assert e.student_prompt.startswith("<speech>\n") and e.student_prompt.endswith("?")
+    assert e.teacher_prompt.startswith('Someone said "The door is open." [speaker metadata: emotion=sad')
+    assert e.reply == "Something about the door bothers them."
+    assert qa_examples(utts, qa2, reply="teacher")[0].reply is None
+    with pytest.raises(ValueError):
+        qa_examples(utts, qa2, reply="x")
