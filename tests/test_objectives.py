@@ -202,7 +202,8 @@ def test_topk_error_shrinks_as_k_grows():
     hidden, weight, teacher = make(n=32, h=16, v=500, seed=8, scale=0.6)
     errors = [topk_approximation_error(hidden, weight, teacher, k)["abs_error"] for k in (5, 50, 200, 500)]
     report = topk_approximation_error(hidden, weight, teacher, 50)
-    assert set(report) == {"k", "full_kl", "topk_kl", "abs_error", "rel_error", "teacher_mass"}
+    assert set(report) == {"k", "full_kl", "topk_kl", "abs_error", "rel_error", "teacher_mass", "grad_cosine"}
+    assert topk_approximation_error(hidden, weight, teacher, 500)["grad_cosine"] > 0.999
     assert 0 < report["teacher_mass"] < 1
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[3] < 1e-3 * report["full_kl"]

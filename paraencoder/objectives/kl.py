@@ -215,15 +215,25 @@ def topk_approximation_error(
     """How far the top-``k`` cached forward KL is from the full-teacher KL on this batch.
 
     Builds the float16 cache exactly as :func:`topk_teacher_logits` does and returns
-    ``{"k", "full_kl", "topk_kl", "abs_error", "rel_error", "teacher_mass"}``: the two token-mean
-    losses (``T**2``-scaled), ``|topk - full|``, that divided by ``full``, and the mean teacher
-    probability mass (at temperature ``T``) that the top-k ids cover.
+    ``{"k", "full_kl", "topk_kl", "abs_error", "rel_error", "teacher_mass", "grad_cosine"}``: the
+    two token-mean losses (``T**2``-scaled), ``|topk - full|``, that divided by ``full``, the mean
+    teacher probability mass (at temperature ``T``) that the top-k ids cover, and the cosine
+    between the two losses' gradients wrt ``hidden`` (what training actually follows).
     """
     tw, tb = teacher_head(weight, bias, teacher_weight, teacher_bias)
     kl = ResponseKL(temperature=temperature, chunk_size=chunk_size)
-    full = float(kl(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=tw, bias=bias, teacher_bias=tb))
     topk = topk_teacher_logits(teacher_hidden, tw, k, chunk_size=chunk_size, bias=tb)
-    approx = float(kl(hidden, weight, teacher_topk=topk, bias=bias))
+    # Values and gradients wrt the student's hidden states: the gradient is what training sees.
+    grads, values = [], []
+    for kwargs in ({"teacher_hidden": teacher_hidden, "teacher_weight": tw, "teacher_bias": tb}, {"teacher_topk": topk}):
+        with torch.enable_grad():
+            h = hidden.detach().clone().requires_grad_(True)
+            loss = kl(h, weight, bias=bias, **kwargs)
+            (grad,) = torch.autograd.grad(loss, h)
+        values.append(float(loss))
+        grads.append(grad.flatten().double())
+    full, approx = values
+    cosine = float(F.cosine_similarity(grads[0], grads[1], dim=0))
     mass = []
     for start in range(0, teacher_hidden.shape[0], chunk_size):
         logp = F.log_softmax(chunk_logits(teacher_hidden[start : start + chunk_size], tw, tb) / temperature, dim=-1)
@@ -237,4 +247,5 @@ def topk_approximation_error(
         "abs_error": err,
         "rel_error": err / full if full > 0 else math.nan,
         "teacher_mass": coverage,
+        "grad_cosine": cosine,
     }
