@@ -72,7 +72,9 @@ class Task:
     def teacher_prompt(self, transcript: str, labels: dict) -> str:
         cue = describe_cues(labels)
         try:
-            return self.teacher.format(transcript=transcript, cue=cue, **{k: v for k, v in labels.items() if isinstance(v, str)})
+            fields = {k: v for k, v in labels.items() if isinstance(v, str)}
+            fields.update(transcript=transcript, cue=cue)
+            return self.teacher.format(**fields)
         except KeyError as exc:
             raise PromptError(f"task {self.name!r}: teacher template needs label {exc} that this utterance lacks") from None
 
