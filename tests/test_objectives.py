@@ -379,6 +379,15 @@ def test_objective_mix_sums_weighted_parts_and_skips_zero_weights():
     assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-10)  # ignored targets are not distilled
     assert total.item() == pytest.approx((0.7 * ce + 0.2 * kl + 0.1 * jsd).item(), rel=1e-10)
 
+    # KL from a top-k cache (used only when no exact teacher is given).
+    topk = topk_teacher_logits(teacher, weight, 6)
+    _, parts = ObjectiveMix(ce_weight=0.0, kl_weight=1.0)(hidden, weight, targets, teacher_topk=topk)
+    want_topk = ResponseKL()(hidden[keep], weight, teacher_topk=(topk[0][keep], topk[1][keep]))
+    assert parts["kl"].item() == pytest.approx(want_topk.item(), rel=1e-10)
+    _, parts = ObjectiveMix(ce_weight=0.0, kl_weight=1.0)(hidden, weight, targets, teacher_topk=topk, teacher_hidden=teacher)
+    kl_t1 = ResponseKL()(hidden[keep], weight, teacher_hidden=teacher[keep])
+    assert parts["kl"].item() == pytest.approx(kl_t1.item(), rel=1e-10)
+
     ce_only = ObjectiveMix(chunk_size=5)
     total, parts = ce_only(hidden, weight, targets)  # no teacher needed, KL/JSD never run
     assert set(parts) == {"ce"} and total.item() == pytest.approx(ce.item(), rel=1e-12)

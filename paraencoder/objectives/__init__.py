@@ -93,9 +93,11 @@ class ObjectiveMix(nn.Module):
             valid = (targets != self.ignore_index).to(torch.float32)
             tw = valid if token_weight is None else valid * token_weight.float()
         if w["kl"] > 0:
+            # The exact teacher wins over a top-k cache when both are given (the JSD may need it anyway).
+            exact = teacher_hidden is not None or teacher_logits is not None
             parts["kl"] = self.kl(
                 hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-                teacher_topk=teacher_topk, bias=bias, token_weight=tw,
+                teacher_topk=None if exact else teacher_topk, bias=bias, token_weight=tw,
             )
             terms.append(w["kl"] * parts["kl"])
         if w["jsd"] > 0:
