@@ -287,7 +287,7 @@ def test_end_to_end_scaffold_gap_shrinks(tmp_path, peaky_llm_dir, tiny_whisper_d
         jsd_before = module.compute_loss(batch, replies=fixed)[0].item()
     ll_before = scaffold_loglik(module, batch, fixed)
     optimizer = torch.optim.AdamW([p for p in module.adapter.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(60):
+    for step in range(40):
         loss, _ = module.compute_loss(batch, step=step)
         optimizer.zero_grad()
         loss.backward()
