@@ -198,6 +198,21 @@ def test_topk_matches_its_documented_formula():
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
 
 
+def test_topk_both_mode_is_the_kl_between_renormalised_distributions():
+    hidden, weight, teacher = make(n=5, v=20, seed=7)
+    values, indices = topk_teacher_logits(teacher, weight, k=4)
+    log_pk = ref_log_softmax(values.double() / 2.0)
+    # The student's distribution restricted to the k ids, at T = 2.
+    log_q2 = ref_log_softmax((hidden @ weight.T / 2.0).gather(1, indices.long()))
+    want = 4.0 * (torch.exp(log_pk) * (log_pk - log_q2)).sum(-1).mean()
+    got = ResponseKL(temperature=2.0, topk_mode="both")(hidden, weight, teacher_topk=(values, indices))
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    # Zero when the student equals the teacher, unlike the default mode (which keeps -log(top-k mass)).
+    same = ResponseKL(topk_mode="both")(teacher, weight, teacher_topk=(values.double(), indices))
+    assert abs(same.item()) < 1e-3
+    assert ResponseKL()(teacher, weight, teacher_topk=(values.double(), indices)).item() > 0.01
+
+
 def test_topk_error_shrinks_as_k_grows():
     hidden, weight, teacher = make(n=32, h=16, v=500, seed=8, scale=0.6)
     errors = [topk_approximation_error(hidden, weight, teacher, k)["abs_error"] for k in (5, 50, 200, 500)]

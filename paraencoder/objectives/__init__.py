@@ -53,6 +53,7 @@ class ObjectiveMix(nn.Module):
         kl_direction: str = "forward",
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
+        topk_mode: str = "teacher",
     ):
         super().__init__()
         weights = {"ce": ce_weight, "kl": kl_weight, "jsd": jsd_weight, "aux": aux_weight}
@@ -61,7 +62,7 @@ class ObjectiveMix(nn.Module):
         self.weights = {k: float(v) for k, v in weights.items()}
         self.ignore_index = int(ignore_index)
         self.ce = ResponseCE(chunk_size=chunk_size, label_smoothing=label_smoothing, ignore_index=ignore_index)
-        self.kl = ResponseKL(temperature=temperature, chunk_size=chunk_size, direction=kl_direction)
+        self.kl = ResponseKL(temperature=temperature, chunk_size=chunk_size, direction=kl_direction, topk_mode=topk_mode)
         self.jsd = GeneralizedJSD(beta=beta, temperature=temperature, chunk_size=chunk_size)
 
     def extra_repr(self) -> str:
