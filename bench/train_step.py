@@ -560,9 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         examples = make_examples(cfg, clips, module.llm.vocab_size, args.seed)
         topk = TopKCache(cfg.topk)
         rows = []
+        partial = (Path(args.json) if args.json else common.RESULTS / f"train_step_{cfg.name}.json").with_suffix(".partial.json")
         for stage in stages:
             print(f"[{cfg.name}] {stage.name} ...", file=sys.stderr, flush=True)
             rows.append(run_stage(module, stage, cfg, clips, examples, device, args.steps, args.warmup, args.seed, topk))
+            common.write_json(partial, {"config": cfg.name, "partial": True, "rows": rows})  # survive an interrupted run
         error = topk_error(module, make_batches(clips, examples, cfg.batch_size, bucket=True, seed=args.seed), topk, cfg) if any(s.teacher == "topk" for s in stages) else None
 
     base = next((r for r in rows if r["stage"] == "naive baseline"), None)
@@ -589,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         result["headline"] = {"naive_step_s": base["step_s_median"], "fast_stage": fast["stage"], "fast_step_s": fast["step_s_median"], "speedup": base["step_s_median"] / fast["step_s_median"]}
     out = Path(args.json) if args.json else common.RESULTS / f"train_step_{cfg.name}.json"
     common.write_json(out, result)
+    partial.unlink(missing_ok=True)
 
     columns = [
         ("stage", "stage", ""),
