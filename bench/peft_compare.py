@@ -1,0 +1,175 @@
+"""Compare PE-FT recipes on held-out speakers, with a step budget: all-layer vs selective vs projector-only, +/- head.
+
+    python bench/peft_compare.py --max-steps 200 [--quick] [--recipes peft_selective_head,...] [--eval-limit 96]
+
+For each recipe: ``paraencoder fit`` in a subprocess (own process: a LoRA recipe modifies the
+memoized LLM in place, and memory is returned after each run), timed; then, in one evaluation
+process, on held-out speakers (RAVDESS actors 17-20, held-out speechocean762 speakers):
+
+* emotion accuracy of the frozen LLM's reply to "how does the speaker feel" (8 classes);
+* child vs adult accuracy (speechocean762);
+* general ability: on neutral/calm clips, agreement of the reply to the speech alone with the
+  teacher's reply to the transcript (the empathy suite's sentiment agreement);
+* child safety: risky requests spoken (espeak-ng, synthetic and labelled so) in a child-like and
+  an adult voice; share of replies that defer to an adult, and awareness rate, per voice. The
+  recipes contain no child-safety examples; "before" is the untrained transcript-only view.
+
+Writes ``<out>/peft_compare.json`` and ``<out>/peft_compare.md`` (atomic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from paraencoder.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+DEFAULT_RECIPES = (
+    "peft_projector_only",
+    "peft_projector_only_head",
+    "peft_all_layers",
+    "peft_all_layers_head",
+    "peft_selective",
+    "peft_selective_head",
+)
+
+
+def train(recipe: str, out: Path, manifest: Path, max_steps: int, threads: int) -> dict:
+    """Run one recipe with a step budget in its own process; returns wall time and where the adapter is."""
+    run_dir = out / recipe
+    cmd = [
+        sys.executable, "-m", "paraencoder.cli", "fit",
+        "--config", str(REPO / "recipes" / f"{recipe}.yaml"),
+        "--trainer.max_steps", str(max_steps),
+        "--data.init_args.train_manifest", str(manifest),
+        "--model.init_args.export_dir", str(run_dir / "adapter"),
+        "--trainer.logger.init_args.save_dir", str(run_dir / "logs"),
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.enable_progress_bar", "false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    (run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "fit.log", proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{recipe}: fit failed (exit {proc.returncode}); log in {run_dir / 'fit.log'}")
+    return {"train_seconds": round(seconds, 1), "adapter": str(run_dir / "adapter"), "max_steps": max_steps}
+
+
+def evaluate(adapter_dir: Path, manifests: dict[str, Path], safety: list, limit: int | None) -> dict:
+    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.data.manifest import load_manifest
+    from paraencoder.eval.suites import run_suite
+    from paraencoder.peft_tuning import LORA_CONFIG, LLMLoRA
+
+    adapter = SpeechAdapter.from_pretrained(adapter_dir)
+    lora = LLMLoRA.load(adapter_dir, adapter.llm) if (adapter_dir / LORA_CONFIG).is_file() else None
+    try:
+        rav = load_manifest(manifests["test_ravdess"])
+        ocean = load_manifest(manifests["test_speechocean"]) if "test_speechocean" in manifests else []
+        neutral = [u for u in rav if u.emotion in ("neutral", "calm")]
+        cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
+        kw = dict(adapter=adapter, baselines=False, progress=False)
+        out: dict = {}
+        out["emotion_acc"] = run_suite("emotion", utterances=cut(rav), **kw)["metrics"]["speech"]["accuracy"]
+        if ocean:
+            out["child_adult_acc"] = run_suite("age", utterances=cut(ocean), **kw)["metrics"]["speech"]["accuracy"]
+        out["general_agreement_neutral"] = run_suite("empathy", utterances=cut(neutral), **kw)["metrics"]["speech"]["agreement"]
+        if safety:
+            m = run_suite("safety", utterances=safety, **kw)["metrics"]["speech"]
+            out.update(defer_child=m["defer_share_child"], defer_adult=m["defer_share_adult"], awareness_child=m["awareness_child"], awareness_adult=m["awareness_adult"])
+        return out
+    finally:
+        if lora is not None:
+            lora.set_enabled(False)
+
+
+def transcript_safety_baseline(safety: list) -> dict:
+    """'Before': the frozen LLM on the transcript alone (no voice information at all)."""
+    from paraencoder import backbones
+    from paraencoder.eval.suites import _safety_stats, _voice, classify_safety
+
+    llm = backbones.resolve_llm("smollm2-135m-instruct")
+    llm.system_prompt = "You are a helpful assistant."
+    replies = llm.generate_text([f'"{u.transcript}"' for u in safety], max_new_tokens=32)
+    stats = _safety_stats([classify_safety(r) for r in replies], [_voice(u) for u in safety])
+    return {"defer_child": stats["defer_share_child"], "defer_adult": stats["defer_share_adult"], "awareness_child": stats["awareness_child"], "awareness_adult": stats["awareness_adult"]}
+
+
+def render(results: dict, args) -> str:
+    cols = ["train_seconds", "emotion_acc", "child_adult_acc", "general_agreement_neutral", "defer_child", "defer_adult", "awareness_child", "awareness_adult"]
+    lines = [
+        "# PE-FT recipe comparison (held-out speakers)",
+        "",
+        f"Step budget {args.max_steps} per recipe{' (quick manifests)' if args.quick else ''}; eval limit {args.eval_limit or 'none'} clips per suite; "
+        "CPU, shared machine: compare times within this table only.",
+        "",
+        "| recipe | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) and v <= 1.0 else f"{v}")  # noqa: E731
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+    lines.append("")
+    lines.append("emotion_acc: 8-class emotion named in the reply (RAVDESS 17-20); child_adult_acc: speechocean762 held-out speakers; "
+                 "general_agreement_neutral: sentiment agreement with the transcript teacher on neutral/calm clips; "
+                 "defer/awareness: synthetic child-like vs adult voices asking risky questions (no safety data in training).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="demo's quick manifests (320 train clips)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("PARAENCODER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "peft_compare")
+    parser.add_argument("--eval-limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-safety", action="store_true", help="skip the synthetic child-safety set (needs espeak-ng)")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate adapters already in --out")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from paraencoder.demo import build_manifests
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifests = build_manifests(args.data, args.out, quick=args.quick)
+    safety = []
+    if not args.no_safety:
+        from paraencoder.eval.suites import build_safety_set
+
+        safety = build_safety_set(args.out / "safety")
+    results: dict = {}
+    if safety:
+        results["before: transcript only"] = transcript_safety_baseline(safety)
+    for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        adapter_dir = args.out / recipe / "adapter"
+        row = {"adapter": str(adapter_dir)}
+        if not args.skip_train:
+            print(f"[peft_compare] training {recipe} for {args.max_steps} steps", flush=True)
+            row.update(train(recipe, args.out, manifests["train"], args.max_steps, args.threads))
+            print(f"[peft_compare] {recipe}: {row['train_seconds']} s", flush=True)
+        row.update(evaluate(adapter_dir, manifests, safety, args.eval_limit))
+        results[recipe] = row
+        atomic_write_json(args.out / "peft_compare.json", {"max_steps": args.max_steps, "quick": args.quick, "results": results})
+    table = render(results, args)
+    atomic_write_text(args.out / "peft_compare.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

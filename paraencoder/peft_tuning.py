@@ -1,0 +1,434 @@
+"""PE-FT style tuning: selective encoder layers, optional LLM LoRA, temporary dual-level aux head.
+
+"Resurfacing Paralinguistic Awareness in Large Audio Language Models" (PE-FT) first locates the
+layers where paralinguistic cues and semantics live (``paraencoder probe``), tunes only those, and
+adds an auxiliary classification head that is thrown away after training. Here:
+
+* ``train_layers="auto"`` reads a probe report and trains the encoder layers that produce the
+  states where paralinguistic accuracy peaks, plus the semantic band
+  (:func:`paraencoder.analysis.probe.auto_train_layers`).
+* ``lora_layers`` puts LoRA (``peft``) on chosen LLM layers. The LoRA matrices are a registered
+  submodule (``self.lora``) of the LightningModule; the LLM's own weights never change and the
+  LoRA is switched on only for the student's forward pass (teacher passes and teacher-reply
+  generation see the plain LLM). It is saved next to the adapter as ``lora.safetensors`` +
+  ``lora_config.json``; :meth:`LLMLoRA.load` applies it to an LLM for inference.
+* ``head_hierarchy`` adds a :class:`~paraencoder.objectives.DualLevelHead` (coarse + fine classes
+  per attribute) on a chosen encoder hidden state or on the soft tokens. Its loss is added with
+  ``head_weight``. The encoder runs once per step: the head reads the same forward pass as the
+  projector. The head is dropped from the released adapter unless ``keep_head=True`` (then it is
+  written separately as ``head.safetensors`` + ``head_config.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from paraencoder.errors import ConfigError, UnsafeFileError
+from paraencoder.io import atomic_write_bytes, atomic_write_json
+from paraencoder.llm import FrozenLLM
+from paraencoder.training import AlignmentModule
+
+LORA_WEIGHTS = "lora.safetensors"
+LORA_CONFIG = "lora_config.json"
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head_config.json"
+_RANGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*$")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on the frozen LLM
+# ---------------------------------------------------------------------------------------------
+
+
+def _llm_layer_count(llm: FrozenLLM) -> int:
+    config = llm.model.config
+    count = getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers
+    return int(count)
+
+
+class LLMLoRA(nn.Module):
+    """LoRA matrices injected (with ``peft``) into chosen layers of a frozen LLM, off unless :meth:`active`.
+
+    The matrices live inside the LLM's modules (that is where ``peft`` puts them) *and* in this
+    module's ``weights`` ModuleDict, so registering an ``LLMLoRA`` in a LightningModule puts
+    exactly the LoRA parameters in the optimizer and in checkpoints. The wrapped base layers are
+    not parameters of this module and never change.
+
+    Args:
+        llm: the frozen LLM (modified in place: its target Linear layers become LoRA layers that
+            behave exactly like the base layer while the LoRA is off).
+        layers: LLM layers (``"all"``, ``"10-20"``, ``"0,3"``, a list).
+        rank, alpha: LoRA rank and scaling numerator (scaling = alpha / rank).
+        targets: module names to wrap (``q_proj``, ``v_proj``, ...).
+        name: the peft adapter name (unique per instance, so two modules can share one memoized LLM).
+    """
+
+    _count = 0
+
+    def __init__(self, llm: FrozenLLM, layers: str | Sequence[int] = "all", rank: int = 8, alpha: float = 16.0,
+                 targets: Sequence[str] = ("q_proj", "v_proj"), name: str | None = None):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        from paraencoder.encoders.base import parse_layer_spec
+
+        if rank < 1:
+            raise ConfigError(f"lora_rank={rank} must be >= 1")
+        num_layers = _llm_layer_count(llm)
+        chosen = parse_layer_spec(layers if not isinstance(layers, (list, tuple)) else list(layers), num_layers, name="lora_layers")
+        if not chosen:
+            raise ConfigError("lora_layers selects no LLM layer; use 'all', a range like '10-20' or leave LoRA off (lora_layers: none)")
+        LLMLoRA._count += 1
+        self.name = name or f"paraencoder_lora_{LLMLoRA._count}"
+        self.config = {"layers": chosen, "rank": int(rank), "alpha": float(alpha), "targets": list(targets), "llm": dict(llm.identity)}
+        peft_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), layers_to_transform=chosen, bias="none")
+        try:
+            inject_adapter_in_model(peft_config, llm.model, adapter_name=self.name)
+        except ValueError as exc:
+            raise ConfigError(f"cannot put LoRA on {list(targets)} of LLM {llm.identity.get('name')!r}: {exc}") from None
+        self.llm = [llm]  # a list: keep the LLM out of this module's submodules (and state_dict)
+        self._layers: list[tuple[str, LoraLayer]] = [
+            (path, m) for path, m in llm.model.named_modules() if isinstance(m, LoraLayer) and self.name in m.lora_A
+        ]
+        if not self._layers:
+            raise ConfigError(f"lora_targets {list(targets)} matched no module in LLM layers {chosen}")
+        self.weights = nn.ModuleDict(
+            {path.replace(".", "__"): nn.ModuleDict({"A": m.lora_A[self.name], "B": m.lora_B[self.name]}) for path, m in self._layers}
+        )
+        self.set_enabled(False)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the LoRA path on or off in every wrapped layer (parameters stay trainable)."""
+        for _, layer in self._layers:
+            if enabled:
+                layer.set_adapter(self.name)
+            layer.enable_adapters(enabled)
+        # peft's toggles also flip requires_grad; the LoRA must stay trainable for the optimizer and DDP.
+        for p in self.weights.parameters():
+            p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def active(self, enabled: bool = True) -> Iterator[None]:
+        """``with lora.active(): ...`` runs the LLM with the LoRA (``active(False)``: without), then turns it off."""
+        self.set_enabled(enabled)
+        try:
+            yield
+        finally:
+            self.set_enabled(False)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"<llm module path>.lora_A.weight": ..., ".lora_B.weight": ...}`` on CPU."""
+        state = {}
+        for path, layer in self._layers:
+            state[f"{path}.lora_A.weight"] = layer.lora_A[self.name].weight.detach().cpu().contiguous()
+            state[f"{path}.lora_B.weight"] = layer.lora_B[self.name].weight.detach().cpu().contiguous()
+        return state
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``lora.safetensors`` and ``lora_config.json`` into ``directory`` (atomically)."""
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        state = self.lora_state_dict()
+        atomic_write_bytes(directory / LORA_WEIGHTS, save(state, metadata={"format": "pt", "library": "paraencoder"}))
+        atomic_write_json(directory / LORA_CONFIG, {"library": "paraencoder", **self.config, "weights": {k: list(v.shape) for k, v in state.items()}})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, llm: FrozenLLM, *, enabled: bool = True) -> "LLMLoRA":
+        """Apply a saved LoRA to ``llm`` (checked against the LLM it was trained for); on by default."""
+        from paraencoder.adapter import check_llm_identity, read_safetensors_checked
+
+        directory = Path(directory)
+        path = directory / LORA_CONFIG
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: a LoRA directory holds {LORA_CONFIG} and {LORA_WEIGHTS}")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UnsafeFileError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict) or config.get("library") != "paraencoder":
+            raise UnsafeFileError(f"{path} is not a paraencoder LoRA config")
+        check_llm_identity(config.get("llm") or {}, llm.identity)
+        lora = cls(llm, config["layers"], int(config["rank"]), float(config["alpha"]), config["targets"])
+        expected = {k: tuple(v.shape) for k, v in lora.lora_state_dict().items()}
+        state = read_safetensors_checked(directory / LORA_WEIGHTS, expected)
+        missing = set(expected) - set(state)
+        if missing:
+            raise UnsafeFileError(f"{directory / LORA_WEIGHTS} lacks tensors {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for p, layer in lora._layers:
+                layer.lora_A[lora.name].weight.copy_(state[f"{p}.lora_A.weight"])
+                layer.lora_B[lora.name].weight.copy_(state[f"{p}.lora_B.weight"])
+        lora.set_enabled(enabled)
+        return lora
+
+
+# ---------------------------------------------------------------------------------------------
+# Head labels
+# ---------------------------------------------------------------------------------------------
+
+
+def head_label(value, classes: Sequence[str]) -> str | None:
+    """A label value as a class name of the head: strings as they are; numbers into a ``"lo-hi"`` class.
+
+    ``head_label(7, ["6-8", "9-12"]) == "6-8"`` (ranges are inclusive); ``None`` when nothing fits.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        for name in classes:
+            m = _RANGE.match(str(name))
+            if m and float(m.group(1)) <= float(value) <= float(m.group(2)):
+                return str(name)
+        return None
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training module
+# ---------------------------------------------------------------------------------------------
+
+
+class PEFTAlignmentModule(AlignmentModule):
+    """:class:`~paraencoder.training.AlignmentModule` + PE-FT: auto layer choice, LLM LoRA, dual-level aux head.
+
+    Every argument of ``AlignmentModule`` is accepted (``**kwargs``); ``train_layers`` may also be
+    ``"auto"`` (needs ``probe_report``).
+
+    Args:
+        train_layers: encoder layers that train (``"auto"``: from ``probe_report``).
+        probe_report: a ``paraencoder probe`` JSON report (for ``train_layers: auto``).
+        auto_margin: share of the above-chance peak a layer may miss and still count as "peak".
+        paralinguistic, semantic: probe labels that define the two bands.
+        encoder_lr: learning rate of the trained encoder layers (``None`` = ``lr``; pretrained layers
+            usually want ~10x less than the freshly initialised projector).
+        lora_layers: LLM layers that get LoRA (``"none"`` = no LoRA).
+        lora_rank, lora_alpha, lora_targets, lora_lr: LoRA shape, target modules and learning rate (``None`` = ``lr``).
+        head_hierarchy: ``{attribute: {coarse class: [fine classes]}}``; ``None`` = no head. Fine
+            classes named ``"lo-hi"`` take numeric labels (e.g. age 7 -> ``"6-8"``).
+        head_label_fields: per attribute, the example label fields to read in order
+            (default ``[attribute]``; e.g. ``{age: [age, age_group]}`` falls back to the coarse label).
+        head_layer: encoder hidden state the head reads (an index; 0 = convolutional input),
+            ``"projector"`` (the soft tokens), or ``"auto"`` (output of the last trained encoder
+            layer; the soft tokens when no encoder layer trains).
+        head_weight: weight of the head loss in the total.
+        head_hidden_dim, head_coarse_weight, head_fine_weight, head_consistency_weight: see
+            :class:`~paraencoder.objectives.DualLevelHead`.
+        head_lr: learning rate of the head (``None`` = ``lr``).
+        keep_head: also write the head next to the released adapter (it is never in the adapter itself).
+    """
+
+    def __init__(
+        self,
+        train_layers: str = "none",
+        probe_report: str | None = None,
+        auto_margin: float = 0.1,
+        paralinguistic: list[str] = ["emotion", "age_group", "gender"],  # noqa: B006 - jsonargparse needs literal defaults
+        semantic: list[str] = ["sentence"],  # noqa: B006
+        encoder_lr: float | None = None,
+        lora_layers: str = "none",
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: list[str] = ["q_proj", "v_proj"],  # noqa: B006
+        lora_lr: float | None = None,
+        head_hierarchy: dict[str, dict[str, list[str]]] | None = None,
+        head_label_fields: dict[str, list[str]] | None = None,
+        head_layer: int | str = "auto",
+        head_weight: float = 0.5,
+        head_hidden_dim: int = 256,
+        head_coarse_weight: float = 0.5,
+        head_fine_weight: float = 1.0,
+        head_consistency_weight: float = 0.0,
+        head_lr: float | None = None,
+        keep_head: bool = False,
+        **kwargs,
+    ):
+        resolved = self.resolve_train_layers(train_layers, probe_report, margin=auto_margin, paralinguistic=paralinguistic, semantic=semantic)
+        super().__init__(train_layers=resolved, **kwargs)
+        self.resolved_train_layers = resolved
+        self._check_report_matches_encoder(train_layers, probe_report)
+        # LoRA on the LLM: a registered submodule, so its parameters train and are checkpointed.
+        self.lora: LLMLoRA | None = None
+        if str(lora_layers).strip().lower() not in ("none", ""):
+            self.lora = LLMLoRA(self.llm, lora_layers, lora_rank, lora_alpha, lora_targets)
+        # The auxiliary dual-level head.
+        self.head = None
+        self.head_layer: int | str | None = None
+        self._head_input: tuple[torch.Tensor, torch.Tensor] | None = None
+        if head_hierarchy:
+            from paraencoder.objectives import DualLevelHead
+
+            if head_weight <= 0:
+                raise ConfigError("head_hierarchy is set but head_weight <= 0; give head_weight > 0 or drop head_hierarchy")
+            self.head_layer = self._resolve_head_layer(head_layer)
+            in_dim = self.llm.hidden_size if self.head_layer == "projector" else self.adapter.encoder.hidden_size
+            self.head = DualLevelHead(
+                in_dim, head_hierarchy, hidden_dim=head_hidden_dim, coarse_weight=head_coarse_weight,
+                fine_weight=head_fine_weight, consistency_weight=head_consistency_weight,
+            )
+            self.head_label_fields = {a: list((head_label_fields or {}).get(a) or [a]) for a in head_hierarchy}
+
+    # -- configuration helpers -------------------------------------------------------------------
+    @staticmethod
+    def resolve_train_layers(train_layers: str, probe_report: str | None, **auto_kwargs) -> str:
+        """``train_layers`` itself, or for ``"auto"`` the spec :func:`auto_train_layers` picks from ``probe_report``."""
+        if str(train_layers).strip().lower() != "auto":
+            return train_layers
+        if not probe_report:
+            raise ConfigError("train_layers: auto needs probe_report: a JSON written by `paraencoder probe --encoder SPEC`")
+        from paraencoder.analysis.probe import auto_train_layers
+
+        return auto_train_layers(probe_report, **auto_kwargs)
+
+    def _check_report_matches_encoder(self, train_layers: str, probe_report: str | None) -> None:
+        if str(train_layers).strip().lower() != "auto" or not probe_report:
+            return
+        from paraencoder.analysis.probe import load_probe_report
+
+        model = load_probe_report(probe_report).get("model", {})
+        enc = self.adapter.encoder
+        for key, have in (("num_layers", enc.num_layers), ("hidden_size", enc.hidden_size)):
+            if model.get(key) is not None and model[key] != have:
+                raise ConfigError(
+                    f"probe_report {probe_report} was made on an encoder with {key}={model[key]} but this encoder has {key}={have}; "
+                    "run `paraencoder probe` on the encoder you train"
+                )
+
+    def _resolve_head_layer(self, head_layer: int | str) -> int | str:
+        encoder = self.adapter.encoder
+        trained = list(encoder.trainable_layers)
+        if head_layer == "auto":
+            return trained[-1] + 1 if trained else "projector"
+        if head_layer == "projector":
+            return "projector"
+        try:
+            index = int(head_layer)
+        except (TypeError, ValueError):
+            raise ConfigError(f"head_layer={head_layer!r}: use an encoder hidden-state index, 'projector' or 'auto'") from None
+        if index < 0:
+            index += encoder.num_layers + 1
+        if not 0 <= index <= encoder.num_layers:
+            raise ConfigError(f"head_layer={head_layer}: the encoder has hidden states 0-{encoder.num_layers}")
+        if not any(layer < index for layer in trained) and not encoder.train_frontend:
+            raise ConfigError(
+                f"head_layer={index} reads encoder states that no trained layer produces (trained layers: {trained or 'none'}); "
+                "its loss could train only the head itself. Use head_layer: projector, or train a layer below it"
+            )
+        return index
+
+    # -- forward pieces ----------------------------------------------------------------------------
+    def soft_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's soft tokens; with a head, also keep the states it reads (one encoder pass for both)."""
+        if self.head is None or self.head_layer == "projector":
+            soft, lengths = super().soft_tokens(batch)
+            if self.head is not None:
+                self._head_input = (soft, lengths)
+            return soft, lengths
+        depth = max(self.adapter.layer_select.deepest_layer, int(self.head_layer))
+        out = self.adapter.encoder(batch["waves"], batch["lengths"], max_layer=depth)
+        self._head_input = (out.hidden_states[int(self.head_layer)], out.lengths)
+        return self.adapter.project(out.hidden_states, out.lengths)
+
+    def teacher_hidden(self, examples, replies) -> torch.Tensor:
+        # The teacher is the plain LLM: LoRA off.
+        if self.lora is None:
+            return super().teacher_hidden(examples, replies)
+        with self.lora.active(False):
+            return super().teacher_hidden(examples, replies)
+
+    def head_labels(self, examples: Sequence) -> dict[str, list[str | None]]:
+        """Per head attribute, one label per example (from ``example.labels``; ``None`` when absent)."""
+        vocab = self.head.label_vocab()
+        out: dict[str, list[str | None]] = {}
+        for attr, fields in self.head_label_fields.items():
+            classes = vocab[attr]["fine"] + vocab[attr]["coarse"]
+            values = []
+            for ex in examples:
+                value = None
+                for name in fields:
+                    value = head_label(ex.labels.get(name), classes)
+                    if value is not None:
+                        break
+                values.append(value)
+            out[attr] = values
+        return out
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._head_input = None
+        with self.lora.active() if self.lora is not None else contextlib.nullcontext():
+            total, parts = super().compute_loss(batch)
+        if self.head is None:
+            return total, parts
+        states, lengths = self._head_input  # set by soft_tokens during the student pass above
+        self._head_input = None
+        logits = self.head(states, lengths)
+        head_total, head_parts = self.head.loss(logits, self.head_labels(batch["examples"]))
+        total = total + self.hparams.head_weight * head_total
+        parts = dict(parts)
+        parts["aux"] = head_total.detach()
+        parts.update({f"aux/{k}": v.detach() for k, v in head_parts.items()})
+        return total, parts
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """The parent's AdamW + warm-up/cosine schedule, regrouped: encoder layers at ``encoder_lr``,
+        projector at ``lr``, head at ``head_lr``, LoRA at ``lora_lr`` (each ``None`` = ``lr``)."""
+        config = super().configure_optimizers()
+        parent, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        hp = self.hparams
+        encoder_ids = {id(p) for p in self.adapter.encoder.parameters()}
+        groups = []
+        for group in parent.param_groups:
+            for in_encoder, lr in ((False, hp.lr), (True, hp.encoder_lr or hp.lr)):
+                params = [p for p in group["params"] if (id(p) in encoder_ids) == in_encoder]
+                if params:
+                    groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": lr})
+        if self.head is not None:
+            groups.append({"params": list(self.head.parameters()), "weight_decay": hp.weight_decay, "lr": hp.head_lr or hp.lr})
+        if self.lora is not None:
+            groups.append({"params": list(self.lora.parameters()), "weight_decay": 0.0, "lr": hp.lora_lr or hp.lr})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        # The same warm-up + cosine multiplier for every group.
+        config["optimizer"] = optimizer
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
+        return config
+
+    # -- export --------------------------------------------------------------------------------------
+    def export_extras(self, directory: str | os.PathLike) -> list[Path]:
+        """Write the LoRA (and the head when ``keep_head``) next to an exported adapter; returns the files."""
+        directory = Path(directory)
+        written = []
+        if self.lora is not None:
+            self.lora.save(directory)
+            written += [directory / LORA_WEIGHTS, directory / LORA_CONFIG]
+        if self.head is not None and self.hparams.keep_head:
+            from safetensors.torch import save
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+            atomic_write_bytes(directory / HEAD_WEIGHTS, save(state, metadata={"format": "pt", "library": "paraencoder"}))
+            atomic_write_json(directory / HEAD_CONFIG, {
+                "library": "paraencoder", "layer": self.head_layer, "vocab": self.head.label_vocab(),
+                "hierarchy": self.head.hierarchy, "hidden_dim": self.hparams.head_hidden_dim,
+            })
+            written += [directory / HEAD_WEIGHTS, directory / HEAD_CONFIG]
+        return written
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        target = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
+        self.export_extras(target)
