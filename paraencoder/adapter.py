@@ -64,8 +64,10 @@ class SpeechAdapter(nn.Module):
         encoder_spec: str | None = None,
         llm_identity: dict | None = None,
         output_scale: float | None = None,
+        system_prompt: str | None = None,
     ):
         super().__init__()
+        self.system_prompt = system_prompt
         self.encoder = encoder
         encoder.set_trainable_layers(train_layers, frontend=train_frontend)
         self.layer_select = LayerSelect(encoder.num_layers + 1, layer, mix_layers)
@@ -90,6 +92,7 @@ class SpeechAdapter(nn.Module):
                 "out_dim": llm_hidden_size,
             },
             "llm": self.llm_identity,
+            "prompts": {"system": system_prompt},
         }
 
     # -- construction --------------------------------------------------------------------------
@@ -122,6 +125,9 @@ class SpeechAdapter(nn.Module):
     def attach_llm(self, llm: FrozenLLM) -> "SpeechAdapter":
         """Use ``llm`` for :meth:`generate` after checking it is the LLM this adapter was trained for."""
         check_llm_identity(self.llm_identity, llm.identity)
+        if self.system_prompt is not None:
+            # Prompts at inference must be the ones the adapter was trained with.
+            llm.system_prompt = self.system_prompt
         self._llm = llm  # a plain attribute: FrozenLLM is not an nn.Module, so it is never saved or trained
         return self
 
@@ -275,6 +281,7 @@ class SpeechAdapter(nn.Module):
             train_frontend=bool(enc_cfg.get("train_frontend")),
             encoder_spec=enc_spec,
             llm_identity=config["llm"],
+            system_prompt=(config.get("prompts") or {}).get("system"),
         )
         expected = {name: tuple(t.shape) for name, t in adapter.trainable_state_dict().items()}
         state = read_safetensors_checked(directory / WEIGHTS_NAME, expected)

@@ -27,6 +27,9 @@ EMOTION_DESCRIPTIONS: dict[str, str] = {
     "excited": "excited",
 }
 
+# The adjective form used in "the speaker is feeling {adj}".
+EMOTION_ADJECTIVES = {"disgust": "disgusted", "fear": "fearful", "surprise": "surprised", "anger": "angry", "joy": "happy"}
+
 AGE_DESCRIPTIONS = {"child": "a child", "adult": "an adult", "elderly": "an elderly person", "teen": "a teenager"}
 STYLE_DESCRIPTIONS = {"whisper": "whispering", "shout": "shouting", "emphasis": "with strong emphasis"}
 
@@ -74,6 +77,10 @@ class Task:
         try:
             fields = {k: v for k, v in labels.items() if isinstance(v, str)}
             fields.update(transcript=transcript, cue=cue)
+            if labels.get("emotion"):
+                fields["emotion_adj"] = EMOTION_ADJECTIVES.get(labels["emotion"], labels["emotion"])
+            if labels.get("age_group"):
+                fields["age_desc"] = AGE_DESCRIPTIONS.get(labels["age_group"], labels["age_group"])
             return self.teacher.format(**fields)
         except KeyError as exc:
             raise PromptError(f"task {self.name!r}: teacher template needs label {exc} that this utterance lacks") from None
@@ -86,19 +93,23 @@ TASKS: dict[str, Task] = {
     "emotion": Task(
         "emotion",
         f"{SPEECH}\nHow does the speaker feel? Answer in one sentence.",
-        'Someone said "{transcript}" in a {emotion} voice. How does the speaker feel? Answer in one sentence.',
+        # Stating the conclusion makes even a 135M teacher name the emotion (7/8 vs 4/8 for a bare cue,
+        # measured on SmolLM2-135M); the student must reach the same answer from the voice alone.
+        'The speaker said "{transcript}" in a {emotion_adj} voice, so the speaker is feeling {emotion_adj}. '
+        "How does the speaker feel? Answer in one sentence.",
         needs=("transcript", "emotion"),
     ),
     "age": Task(
         "age",
         f"{SPEECH}\nIs the speaker a child or an adult? Answer in one sentence.",
-        'This was said by {cue}: "{transcript}". Is the speaker a child or an adult? Answer in one sentence.',
+        'This was said by {age_desc}: "{transcript}", so the speaker is {age_desc}. '
+        "Is the speaker a child or an adult? Answer in one sentence.",
         needs=("transcript", "age_group"),
     ),
     "gender": Task(
         "gender",
         f"{SPEECH}\nIs the speaker male or female? Answer in one sentence.",
-        'A {gender} speaker said "{transcript}". Is the speaker male or female? Answer in one sentence.',
+        'A {gender} speaker said "{transcript}", so the speaker is {gender}. Is the speaker male or female? Answer in one sentence.',
         needs=("transcript", "gender"),
     ),
     # Keeps the words: the reply is the transcript itself, no generation needed.

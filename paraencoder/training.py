@@ -89,6 +89,7 @@ class AlignmentModule(L.LightningModule):
             activation=activation,
             train_layers=train_layers,
             gradient_checkpointing=gradient_checkpointing,
+            system_prompt=system_prompt,
         )
         self.objective = ObjectiveMix(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, chunk_size=chunk_size)
         self.strict_loading = False  # checkpoints hold only the trainable tensors

@@ -194,7 +194,7 @@ def test_topk_matches_its_documented_formula():
     log_q = ref_log_softmax(hidden @ weight.T)
     log_pk = ref_log_softmax(values.double())
     want = (torch.exp(log_pk) * (log_pk - log_q.gather(1, indices.long()))).sum(-1).mean()
-    got = ResponseKL()(hidden, weight, teacher_topk=(values, indices))
+    got = ResponseKL(topk_mode="teacher")(hidden, weight, teacher_topk=(values, indices))
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
 
 
@@ -207,10 +207,10 @@ def test_topk_both_mode_is_the_kl_between_renormalised_distributions():
     want = 4.0 * (torch.exp(log_pk) * (log_pk - log_q2)).sum(-1).mean()
     got = ResponseKL(temperature=2.0, topk_mode="both")(hidden, weight, teacher_topk=(values, indices))
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
-    # Zero when the student equals the teacher, unlike the default mode (which keeps -log(top-k mass)).
-    same = ResponseKL(topk_mode="both")(teacher, weight, teacher_topk=(values.double(), indices))
+    # Zero when the student equals the teacher, unlike "teacher" mode (which keeps -log(top-k mass)).
+    same = ResponseKL()(teacher, weight, teacher_topk=(values.double(), indices))
     assert abs(same.item()) < 1e-3
-    assert ResponseKL()(teacher, weight, teacher_topk=(values.double(), indices)).item() > 0.01
+    assert ResponseKL(topk_mode="teacher")(teacher, weight, teacher_topk=(values.double(), indices)).item() > 0.01
 
 
 def test_topk_error_shrinks_as_k_grows():

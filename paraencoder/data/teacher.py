@@ -125,6 +125,9 @@ def generate_teacher_replies(
     Call again after all ranks finished (``cache.reload()``) for the full list.
     """
     template = getattr(llm.tokenizer, "chat_template", None)
+    # The effective system prompt (the LLM's default when a request has none) is part of the key.
+    default_system = getattr(llm, "system_prompt", None)
+    requests = [r if r.system is not None else TeacherRequest(r.prompt, default_system) for r in requests]
     keys = [teacher_key(llm.identity, r, decoding, template) for r in requests]
     todo: dict[str, TeacherRequest] = {}
     for key, request in zip(keys, requests):

@@ -53,7 +53,7 @@ class ObjectiveMix(nn.Module):
         kl_direction: str = "forward",
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
-        topk_mode: str = "teacher",
+        topk_mode: str = "both",
     ):
         super().__init__()
         weights = {"ce": ce_weight, "kl": kl_weight, "jsd": jsd_weight, "aux": aux_weight}

@@ -6,15 +6,15 @@ The teacher can be given three ways:
   computed per chunk (with ``teacher_weight`` or the student's own head) without gradient;
 * ``teacher_logits [N, V]``: full logits (only sensible for small N or V);
 * ``teacher_topk = (values [N, k], indices [N, k])``: a cache built by
-  :func:`topk_teacher_logits`. With ``topk_mode="teacher"`` (default) the teacher distribution is
+  :func:`topk_teacher_logits`. With ``topk_mode="teacher"`` the teacher distribution is
   renormalised over its top-k entries, ``p~_j = softmax(values / T)_j``, and the loss is
   ``sum_j p~_j (log p~_j - log q_{idx_j})`` with ``q`` the student's *full* softmax. This equals
   ``KL(p~ || q~) - log(sum_j q_{idx_j})`` (``q~`` = ``q`` renormalised on the top-k set), so it is
   non-negative, zero only when the student puts exactly the teacher's renormalised top-k
   distribution on those k ids, and it also pulls the student's mass into the teacher's top-k.
   It ignores the teacher's tail; :func:`topk_approximation_error` measures what that costs.
-  With ``topk_mode="both"`` the student is renormalised over the same k ids as well, giving the
-  exact ``KL(p~ || q~)``: no pull into the top-k set, and (measured on SmolLM2) gradients much
+  With ``topk_mode="both"`` (default, chosen from the measurements in docs/objectives.md) the
+  student is renormalised over the same k ids as well, giving the exact ``KL(p~ || q~)``: no pull into the top-k set, and (measured on SmolLM2) gradients much
   closer to the full-teacher KL's.
 """
 
@@ -136,7 +136,7 @@ class ResponseKL(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 1.0, chunk_size: int = 1024, direction: str = "forward", reduction: str = "mean", topk_mode: str = "teacher"
+        self, temperature: float = 1.0, chunk_size: int = 1024, direction: str = "forward", reduction: str = "mean", topk_mode: str = "both"
     ):
         super().__init__()
         if direction not in DIRECTIONS:
@@ -234,7 +234,7 @@ def topk_approximation_error(
     bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
-    topk_mode: str = "teacher",
+    topk_mode: str = "both",
 ) -> dict[str, float]:
     """How far the top-``k`` cached forward KL is from the full-teacher KL on this batch.
 
