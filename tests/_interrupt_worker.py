@@ -51,6 +51,7 @@ def fit_recipe(
     checkpoint_dir: Path | None = None,
     hold_at: int | None = None,
     bucket: bool = True,
+    seed: int = 0,
 ) -> Path:
     """A tiny deterministic CPU recipe writing ``root/name/{adapter,logs}`` (and checkpoints every 2 steps)."""
     out = root / name
@@ -66,7 +67,7 @@ def fit_recipe(
     if hold_at is not None:
         callbacks.append({"class_path": "_interrupt_worker.HoldAtStep", "init_args": {"step": hold_at, "marker": str(out / "holding")}})
     recipe = {
-        "seed_everything": 0,
+        "seed_everything": seed,
         "trainer": {
             "accelerator": "cpu",
             "devices": 1,
@@ -105,7 +106,7 @@ def fit_recipe(
                 "batch_size": 4,
                 "teacher_cache": str(teacher_cache),
                 "teacher_max_new_tokens": 6,
-                "seed": 0,
+                "seed": seed,
                 "bucket": bucket,
             },
         },
@@ -165,3 +166,37 @@ def read_losses(log_root: Path) -> dict[int, float]:
                 if row.get("train/loss"):
                     losses[int(row["step"])] = float(row["train/loss"])
     return losses
+
+
+class SlowQAGenerator:
+    """A deterministic stand-in judge backend for ``generate_qa``: valid pairs, ``delay`` seconds per item."""
+
+    identity = {"name": "slow-qa-test", "version": 1}
+
+    def __init__(self, delay: float = 0.1):
+        self.delay = delay
+
+    def template(self, name: str) -> dict:
+        return {"system": "Write questions.", "user": "Transcript: {transcript} {metadata}"}
+
+    def judge(self, template: str, inputs: list[dict]) -> list:
+        from paraencoder.eval.judge import Verdict
+
+        time.sleep(self.delay * len(inputs))
+        return [Verdict(value=[{"question": f"Why did the speaker say '{x['transcript']}' that way?", "answer": "Because of how they felt."}]) for x in inputs]
+
+
+def qa_main(manifest: str, cache: str) -> None:
+    """``python _interrupt_worker.py qa MANIFEST CACHE``: QA generation, one utterance per cache part."""
+    from paraencoder.data.manifest import load_manifest
+    from paraencoder.data.qa import generate_qa
+    from paraencoder.data.teacher import TeacherCache
+
+    store = TeacherCache(cache)
+    _, report = generate_qa(load_manifest(manifest), SlowQAGenerator(), store, batch_size=1, progress=False)
+    print(f"qa requested={report.requested} cached={report.cached} generated={report.generated} failed={report.failed}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["qa"]:
+        qa_main(sys.argv[2], sys.argv[3])
