@@ -243,6 +243,12 @@ class AlignmentData(L.LightningDataModule):
         max_examples: cap for quick runs (taken after a seeded shuffle).
         seed: shuffling seed.
         bucket: group clips of similar length into batches (bounded padding).
+        qa_mode: contextual paralinguistic QA (Wang et al. 2025): ``"none"``, ``"explicit"``
+            (categorical + dimensional metadata rendered into the teacher prompt), ``"implicit"``
+            (generated QA pairs that need words and voice) or ``"both"``.
+        qa_generator: who writes implicit QA pairs: ``"local"`` (the frozen LLM) or an
+            OpenAI-compatible URL (``qa_generator_model`` names the model).
+        qa_pairs: QA pairs per utterance (implicit mode).
     """
 
     def __init__(
@@ -260,6 +266,10 @@ class AlignmentData(L.LightningDataModule):
         max_examples: int | None = None,
         seed: int = 0,
         bucket: bool = True,
+        qa_mode: str = "none",
+        qa_generator: str = "local",
+        qa_generator_model: str | None = None,
+        qa_pairs: int = 2,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -271,7 +281,9 @@ class AlignmentData(L.LightningDataModule):
         from paraencoder.data.manifest import load_manifest
 
         utts = load_manifest(manifest)
-        examples = build_examples(utts, get_tasks(self.hparams.tasks), source=manifest)
+        tasks = get_tasks(self.hparams.tasks)
+        examples = build_examples(utts, tasks, source=manifest)
+        examples += self._qa_examples(utts, tasks)
         if self.hparams.max_examples:
             g = torch.Generator().manual_seed(self.hparams.seed)
             order = torch.randperm(len(examples), generator=g).tolist()
@@ -280,6 +292,31 @@ class AlignmentData(L.LightningDataModule):
         cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
         decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
         return attach_teacher_replies(examples, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
+
+    def _qa_examples(self, utts, tasks) -> list[AlignmentExample]:
+        """Extra alignment examples for the contextual-QA modes (cached and resumable like teacher replies)."""
+        mode = self.hparams.qa_mode
+        if mode not in ("none", "explicit", "implicit", "both"):
+            raise ConfigError(f"qa_mode={mode!r}; choose none, explicit, implicit or both")
+        extra: list[AlignmentExample] = []
+        if mode in ("explicit", "both"):
+            from paraencoder.data.qa import explicit_examples
+
+            extra += explicit_examples([u for u in utts if u.emotion or u.age_group], tasks)
+        if mode in ("implicit", "both"):
+            from paraencoder import backbones
+            from paraencoder.data.qa import generate_qa, qa_examples
+            from paraencoder.eval.judge import make_judge
+
+            llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype)
+            generator = make_judge(self.hparams.qa_generator, self.hparams.qa_generator_model, llm=llm if self.hparams.qa_generator == "local" else None)
+            cache_dir = Path(self.hparams.teacher_cache or default_cache_dir() / "teacher").parent / "qa"
+            with_emotion = [u for u in utts if u.transcript and u.emotion]
+            qa, report = generate_qa(with_emotion, generator, TeacherCache(cache_dir), n=self.hparams.qa_pairs)
+            print(f"implicit QA: {report}")
+            # The target is the frozen LLM's own answer given transcript + metadata (behavioral alignment).
+            extra += qa_examples(with_emotion, qa, reply="teacher")
+        return extra
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
