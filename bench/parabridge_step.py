@@ -138,20 +138,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
+
+    def write() -> None:
+        result = {
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch_threads": torch.get_num_threads(),
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "results": rows,
+        }
+        atomic_write_json(args.output, result)
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
             rows.append(run_config(name, args.steps, args.batch_size, args.max_new_tokens, Path(tmp), args.device))
+            write()  # after every config, so a slow later config does not lose the earlier ones
             print(f"{name}: done", flush=True)
     header = f"{'config':<8} {'on-policy s':>11} {'rollout s':>9} {'rollout %':>9} {'off-policy s':>12} {'on/off':>6} {'tok/ex':>6}"
     print(header)
     for r in rows:
         on, off = r["on_policy"], r["off_policy"]
         print(f"{r['config']:<8} {on['step_s']:>11.3f} {on['rollout_s']:>9.3f} {100 * on['rollout_share']:>8.1f}% {off['step_s']:>12.3f} {r['on_over_off']:>6.2f} {on['reply_tokens_per_example']:>6.1f}")
-    result = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "results": rows,
-    }
-    atomic_write_json(args.output, result)
     print(f"wrote {args.output}")
     return 0
 
