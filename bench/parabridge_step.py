@@ -117,7 +117,7 @@ def run_config(name: str, steps: int, batch_size: int, max_new_tokens: int, tmp:
         soft, lengths = module.soft_tokens(batch)
     replies = module.sample_rollouts(batch["examples"], soft, lengths, seed=12345)
     for ex, ids in zip(batch["examples"], replies):
-        ex.reply = module.llm.tokenizer.decode(ids, skip_special_tokens=True)
+        ex.reply = list(ids)  # token ids, not text: decoding + re-tokenizing would change the length
     off = time_steps(module, batch, steps, on_policy=False)
     return {
         "config": name, "llm": llm if name != "tiny" else "tiny random llama", "encoder": encoder if name != "tiny" else "tiny random whisper",
