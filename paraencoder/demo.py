@@ -17,7 +17,6 @@ teacher cache are reused, and a finished adapter is evaluated as is (``--retrain
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path

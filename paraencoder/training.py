@@ -18,7 +18,7 @@ from paraencoder.adapter import SpeechAdapter
 from paraencoder.data.dataset import AlignmentDataset, AlignmentExample, attach_teacher_replies, build_examples, collate
 from paraencoder.data.teacher import Decoding, TeacherCache
 from paraencoder.errors import ConfigError
-from paraencoder.llm import FrozenLLM, PromptBatch
+from paraencoder.llm import FrozenLLM
 from paraencoder.objectives import ObjectiveMix
 from paraencoder.prompts import get_tasks
 
@@ -112,10 +112,19 @@ class AlignmentModule(L.LightningModule):
         self.llm.to(self.device)
 
     # -- the forward pass shared by every objective ----------------------------------------------
-    def student_batch(self, batch: dict, replies: list[str | list[int]] | None = None, prompts: list[str] | None = None, histories=None):
-        """Soft tokens for the batch's audio spliced into the student prompts (+ replies as labels)."""
+    def student_batch(
+        self,
+        batch: dict,
+        replies: list[str | list[int]] | None = None,
+        prompts: list[str] | None = None,
+        histories=None,
+        soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """Soft tokens for the batch's audio spliced into the student prompts (+ replies as labels).
+
+        ``soft`` = precomputed ``(soft_tokens, token_lengths)`` (e.g. shared with a rollout)."""
         examples: list[AlignmentExample] = batch["examples"]
-        soft, soft_lengths = self.soft_tokens(batch)
+        soft, soft_lengths = soft if soft is not None else self.soft_tokens(batch)
         prompts = prompts or [ex.student_prompt for ex in examples]
         if replies is None:
             replies = [ex.reply for ex in examples]
@@ -194,8 +203,12 @@ class AlignmentModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["examples"]), sync_dist=True)
 
     # -- optimisation ------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates (subclasses add e.g. LoRA or auxiliary heads)."""
+        return [p for p in self.adapter.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        params = self.trainable_parameters()
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         optimizer = torch.optim.AdamW(

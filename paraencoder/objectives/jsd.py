@@ -24,11 +24,9 @@ from paraencoder.objectives.chunked import (
     check_chunk_size,
     check_reduction,
     check_temperature,
-    chunk_logits,
-    chunked_token_loss,
     reduce_token_losses,
 )
-from paraencoder.objectives.kl import _plogp_ratio, teacher_head, teacher_log_probs, work_dtype
+from paraencoder.objectives.kl import _plogp_ratio, distill_token_losses, teacher_log_probs, work_dtype
 
 
 def _check_beta(beta: float) -> float:
@@ -106,21 +104,9 @@ class GeneralizedJSD(nn.Module):
         if (teacher_hidden is None) == (teacher_logits is None):
             raise ConfigError("GeneralizedJSD needs exactly one of teacher_hidden or teacher_logits")
         beta, t = self.beta, self.temperature
-        if teacher_logits is not None:
-            if teacher_logits.shape != (hidden.shape[0], weight.shape[0]):
-                raise ConfigError(f"teacher_logits {tuple(teacher_logits.shape)}: expected [N, V] = [{hidden.shape[0]}, {weight.shape[0]}]")
-
-            def per_token(logits, tl):
-                return jsd_rows(logits, tl, beta, t)
-
-            losses = chunked_token_loss(per_token, hidden, weight, bias, teacher_logits.detach(), chunk_size=self.chunk_size)
-        else:
-            tw, tb = teacher_head(weight, bias, teacher_weight, teacher_bias)
-
-            def per_token(logits, th):
-                with torch.no_grad():
-                    tl = chunk_logits(th, tw, tb)
-                return jsd_rows(logits, tl, beta, t)
-
-            losses = chunked_token_loss(per_token, hidden, weight, bias, teacher_hidden.detach(), chunk_size=self.chunk_size)
+        losses = distill_token_losses(
+            lambda logits, tl: jsd_rows(logits, tl, beta, t),
+            hidden, weight, bias, teacher_hidden=teacher_hidden, teacher_logits=teacher_logits,
+            teacher_weight=teacher_weight, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
+        )
         return reduce_token_losses(losses, token_weight, self.reduction)

@@ -188,24 +188,41 @@ class ResponseKL(nn.Module):
                 return topk_kl_from_logits(logits, v, i, t, mode)
 
             losses = chunked_token_loss(per_token, hidden, weight, bias, values.detach(), indices, chunk_size=self.chunk_size)
-        elif teacher_logits is not None:
-            if teacher_logits.shape != (hidden.shape[0], weight.shape[0]):
-                raise ConfigError(f"teacher_logits {tuple(teacher_logits.shape)}: expected [N, V] = [{hidden.shape[0]}, {weight.shape[0]}]")
-
-            def per_token(logits, tl):
-                return kl_from_logits(logits, tl, t, direction)
-
-            losses = chunked_token_loss(per_token, hidden, weight, bias, teacher_logits.detach(), chunk_size=self.chunk_size)
         else:
-            tw, tb = teacher_head(weight, bias, teacher_weight, teacher_bias)
-
-            def per_token(logits, th):
-                with torch.no_grad():
-                    tl = chunk_logits(th, tw, tb)
-                return kl_from_logits(logits, tl, t, direction)
-
-            losses = chunked_token_loss(per_token, hidden, weight, bias, teacher_hidden.detach(), chunk_size=self.chunk_size)
+            losses = distill_token_losses(
+                lambda logits, tl: kl_from_logits(logits, tl, t, direction),
+                hidden, weight, bias, teacher_hidden=teacher_hidden, teacher_logits=teacher_logits,
+                teacher_weight=teacher_weight, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
+            )
         return reduce_token_losses(losses, token_weight, self.reduction)
+
+
+def distill_token_losses(
+    rows_fn,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    teacher_hidden: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Per-token ``rows_fn(student_logits, teacher_logits)`` in chunks, the teacher given as full
+    logits or as hidden states (its logits then made per chunk, without gradient)."""
+    if teacher_logits is not None:
+        if teacher_logits.shape != (hidden.shape[0], weight.shape[0]):
+            raise ConfigError(f"teacher_logits {tuple(teacher_logits.shape)}: expected [N, V] = [{hidden.shape[0]}, {weight.shape[0]}]")
+        return chunked_token_loss(rows_fn, hidden, weight, bias, teacher_logits.detach(), chunk_size=chunk_size)
+    tw, tb = teacher_head(weight, bias, teacher_weight, teacher_bias)
+
+    def per_token(logits, th):
+        with torch.no_grad():
+            tl = chunk_logits(th, tw, tb)
+        return rows_fn(logits, tl)
+
+    return chunked_token_loss(per_token, hidden, weight, bias, teacher_hidden.detach(), chunk_size=chunk_size)
 
 
 def teacher_head(
