@@ -256,6 +256,8 @@ class SpeechAdapter(nn.Module):
         enc_spec = encoder or enc_cfg.get("spec")
         if not enc_spec:
             raise ConfigError(f"{directory / CONFIG_NAME} names no encoder spec; pass encoder=...")
+        if not isinstance(enc_spec, str):
+            raise UnsafeFileError(f"{directory / CONFIG_NAME}: encoder.spec={enc_spec!r} is not a string; pass encoder=...")
         enc = backbones.resolve_encoder(enc_spec)
         enc_description = {**enc.describe(), "weights_sha256": getattr(enc, "identity", {}).get("weights_sha256")}
         for key in ("hidden_size", "num_layers", "family", "weights_sha256"):
@@ -269,6 +271,7 @@ class SpeechAdapter(nn.Module):
                 f"adapter {directory} projects to hidden size {proj_cfg['out_dim']} but LLM "
                 f"{frozen.identity.get('name')!r} has hidden size {frozen.hidden_size}"
             )
+        check_projector_config(directory / CONFIG_NAME, config, enc, directory / WEIGHTS_NAME)
         adapter = cls(
             enc,
             frozen.hidden_size,
@@ -331,9 +334,49 @@ def read_adapter_config(directory: Path) -> dict:
         value = proj[key]
         if not isinstance(value, int) or not 1 <= value <= 65536:
             raise UnsafeFileError(f"{path}: projector.{key}={value!r} is not a sane size (1-65536)")
-    if proj["activation"] not in ("swiglu", "gelu"):
+    if not isinstance(proj["activation"], str) or proj["activation"] not in ("swiglu", "gelu"):
         raise UnsafeFileError(f"{path}: projector.activation={proj['activation']!r} is unknown")
+    layer = proj["layer"]
+    if not (layer in ("last", "mix") or type(layer) is int):
+        raise UnsafeFileError(f"{path}: projector.layer={layer!r} must be \"last\", \"mix\" or an integer")
+    mix = proj.get("mix_layers")
+    if mix is not None and not (isinstance(mix, list) and len(mix) <= 1024 and all(type(i) is int for i in mix)):
+        raise UnsafeFileError(f"{path}: projector.mix_layers={mix!r} must be null or a list of layer indices")
+    enc = config["encoder"]
+    train = enc.get("train_layers")
+    if not (train is None or isinstance(train, str) or type(train) is int or (isinstance(train, list) and all(type(i) is int for i in train))):
+        raise UnsafeFileError(f"{path}: encoder.train_layers={train!r} must be null, a string, an integer or a list of integers")
+    if not isinstance(enc.get("train_frontend", False), (bool, type(None))):
+        raise UnsafeFileError(f"{path}: encoder.train_frontend={enc['train_frontend']!r} must be true or false")
     return config
+
+
+def check_projector_config(path: Path, config: dict, encoder: SpeechEncoder, weights: Path) -> None:
+    """Refuse a projector config that does not fit ``encoder`` or is larger than the weights file can hold.
+
+    Runs before any module is built, so an absurd config never allocates: the projector's parameter
+    count must fit in the weights file at 2 bytes a parameter (F16/BF16 is the smallest dtype allowed).
+    """
+    proj = config["projector"]
+    if proj["in_dim"] != encoder.hidden_size:
+        raise AdapterMismatchError(
+            f"{path}: the projector reads {proj['in_dim']}-dim encoder states but encoder {config['encoder'].get('spec')!r} "
+            f"has hidden size {encoder.hidden_size}; pass the encoder it was trained with"
+        )
+    states = encoder.num_layers + 1
+    layers = proj.get("mix_layers") or []
+    if proj["layer"] not in ("last", "mix"):
+        layers = [proj["layer"]]
+    if any(not -states <= i < states for i in layers):
+        raise UnsafeFileError(f"{path}: projector layers {layers} are outside the encoder's hidden states 0-{states - 1}")
+    stacked, hidden, out = proj["in_dim"] * proj["stack"], proj["hidden_dim"], proj["out_dim"]
+    width = 2 * hidden if proj["activation"] == "swiglu" else hidden
+    params = 2 * stacked + (stacked + 1) * width + (hidden + 1) * out + 2 * out
+    size = weights.stat().st_size if weights.is_file() else 0
+    if 2 * params > size:
+        raise UnsafeFileError(
+            f"{path}: the projector it describes has {params:,} parameters, more than {weights.name} ({size:,} bytes) can hold"
+        )
 
 
 def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -358,6 +401,8 @@ def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]]) -
             header = json.loads(handle.read(header_len).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UnsafeFileError(f"{path}: corrupt safetensors header ({exc})") from None
+        except RecursionError:  # Python's json recurses once per nesting level
+            raise UnsafeFileError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise UnsafeFileError(f"{path}: safetensors header is not an object")
     header.pop("__metadata__", None)
@@ -369,16 +414,19 @@ def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]]) -
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise UnsafeFileError(f"{path}: tensor {name!r} has a malformed entry")
-        if info["dtype"] not in _DTYPES:
+        if not isinstance(info["dtype"], str) or info["dtype"] not in _DTYPES:
             raise UnsafeFileError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; adapters hold F32/F16/BF16 only")
         shape = info["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise UnsafeFileError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
         if tuple(shape) != tuple(expected[name]):
             raise UnsafeFileError(f"{path}: tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected[name])}")
-        start, end = info["data_offsets"]
+        offsets = info["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise UnsafeFileError(f"{path}: tensor {name!r} has malformed data offsets {offsets!r}")
+        start, end = offsets
         nbytes = math.prod(shape) * _DTYPES[info["dtype"]].itemsize
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len and end - start == nbytes):
+        if not (type(start) is int and type(end) is int and 0 <= start <= end <= data_len and end - start == nbytes):
             raise UnsafeFileError(f"{path}: tensor {name!r} has data offsets {start}-{end} inconsistent with its shape or the file size")
         spans.append((start, end))
     spans.sort()

@@ -27,6 +27,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PARAENCODER_CACHE", Path.home() / ".cache" / "paraencoder"))
 
 
+def explain_out_of_memory(exc: BaseException, module, batch: dict | None = None) -> ConfigError:
+    """A ``ConfigError`` for an out-of-memory step that says which settings to change."""
+    where = ""
+    if batch is not None:
+        seconds = float(batch["lengths"].sum()) / 16000
+        where = f" on a batch of {len(batch['examples'])} clips ({seconds:.0f} s of audio)"
+    try:
+        precision = str(module.trainer.precision)
+    except (AttributeError, RuntimeError):  # not attached to a Trainer
+        precision = ""
+    hints = ["lower data.batch_size (keep the effective batch with trainer.accumulate_grad_batches)"]
+    if not module.hparams.gradient_checkpointing:
+        hints.append("set model.gradient_checkpointing=true (recomputes the trained encoder layers in backward)")
+    if "bf16" not in precision:
+        hints.append("use trainer.precision=bf16-mixed and model.llm_dtype=bfloat16")
+    hints.append("lower model.chunk_size (reply tokens per LM-head chunk)")
+    return ConfigError(f"out of memory on {module.device}{where}: " + "; ".join(hints) + f". ({str(exc).splitlines()[0][:200]})")
+
+
 class AlignmentModule(L.LightningModule):
     """Train a speech adapter so the frozen LLM's reply to speech matches its reply to text + stated cues.
 
@@ -191,12 +210,21 @@ class AlignmentModule(L.LightningModule):
         return self.objective(h, head.weight, targets, teacher_hidden=teacher, bias=getattr(head, "bias", None))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, parts = self.compute_loss(batch)
+        try:
+            loss, parts = self.compute_loss(batch)
+        except torch.OutOfMemoryError as exc:
+            raise explain_out_of_memory(exc, self, batch) from exc
         bs = len(batch["examples"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=bs)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        try:
+            loss.backward(*args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            raise explain_out_of_memory(exc, self) from exc
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, parts = self.compute_loss(batch)

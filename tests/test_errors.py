@@ -250,17 +250,9 @@ def test_wrong_llm_for_an_adapter_names_both(tmp_path, tiny_adapter, tiny_qwen_d
 
 # -- GPU out of memory ----------------------------------------------------------------------------
 
-try:
-    from paraencoder import training
-
-    OOM_HANDLED = hasattr(training, "explain_out_of_memory")
-except ImportError:  # pragma: no cover - while a core module is missing
-    training = None
-    OOM_HANDLED = False
+from paraencoder import training
 
 
-@pytest.mark.skipif(training is None, reason="paraencoder.training does not import yet")
-@pytest.mark.xfail(not OOM_HANDLED, strict=True, raises=torch.OutOfMemoryError, reason="training.py OOM patch (docs/reliability.md) not applied yet")
 @pytest.mark.parametrize("where", ["training_step", "backward"])
 def test_out_of_memory_suggests_smaller_batch_checkpointing_bf16(where):
     """A CUDA OOM in the step or in backward becomes a ConfigError with the three usual remedies."""

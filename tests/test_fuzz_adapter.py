@@ -8,9 +8,7 @@ more than :data:`MAX_ELEMENTS` parameters counts as a violation without allocati
 checked too).
 
 Each category's examples all run, violations are collected, and the category asserts none at the
-end, so the printed counts are complete. Categories that still find violations in the current
-``adapter.py`` are strict-xfail with the patch in docs/reliability.md (an applied patch turns them
-into XPASS failures: then drop the mark). Counts go to PARAENCODER_RELIABILITY_REPORT when set.
+end, so the printed counts are complete. Counts go to PARAENCODER_RELIABILITY_REPORT when set.
 """
 
 from __future__ import annotations
@@ -40,11 +38,6 @@ MAX_ELEMENTS = 50_000_000  # 200 MB of float32: far above the tiny adapter, far 
 RSS_GROWTH_LIMIT_MB = 300.0
 STATS: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 VIOLATIONS: dict[str, list[str]] = defaultdict(list)
-
-ADAPTER_PATCH_PENDING = pytest.mark.xfail(
-    strict=True, reason="adapter.py lets non-ParaencoderError exceptions escape for these mutations; patch in docs/reliability.md"
-)
-
 
 class Forbidden(BaseException):
     """Raised by the guards; a BaseException so no ``except Exception`` in the loader can swallow it."""
@@ -224,7 +217,6 @@ def test_whole_header_replaced(base):
     finish("header_json")
 
 
-@ADAPTER_PATCH_PENDING
 def test_header_entry_fields(base):
     """dtype / shape / data_offsets of one tensor set to arbitrary JSON."""
     names = tensor_names(base)
@@ -335,7 +327,6 @@ def dump(config) -> bytes:
     return json.dumps(config).encode()
 
 
-@ADAPTER_PATCH_PENDING
 def test_config_types(base):
     @fuzz(220)
     @given(path=st.sampled_from(CONFIG_PATHS), value=json_values)
@@ -346,7 +337,6 @@ def test_config_types(base):
     finish("config_types")
 
 
-@ADAPTER_PATCH_PENDING
 def test_config_absurd_sizes(base):
     """Sizes within or beyond the config's sane range; anything whose projector would be huge must be refused."""
     keys = [("projector", "stack"), ("projector", "hidden_dim"), ("projector", "in_dim"), ("projector", "out_dim"),
@@ -404,8 +394,8 @@ def test_wrong_llm_is_named(base, tiny_qwen_dir):
 
 
 @pytest.mark.parametrize("stack,hidden_dim", [
-    pytest.param(65536, 65536, marks=ADAPTER_PATCH_PENDING),
-    pytest.param(4096, 4096, marks=ADAPTER_PATCH_PENDING),
+    pytest.param(65536, 65536),
+    pytest.param(4096, 4096),
     (2, 65536),  # 12.6 M parameters: under the guard's limit, refused by the shape check today
 ])
 def test_absurd_projector_is_refused_before_allocating(base, stack, hidden_dim):

@@ -222,16 +222,12 @@ def test_csv_structure(workdir, rows, header):
     check("csv_structure", workdir / "c.csv", body.encode())
 
 
-KNOWN_BUG = pytest.mark.xfail(strict=True, raises=(RecursionError, OverflowError),
-                              reason="data/manifest.py lets this escape as a non-ManifestError; patch in docs/reliability.md")
-
-
 @pytest.mark.parametrize("line", [
     "[" * 100,
     '{"a":' * 100,
-    pytest.param("[" * 3000, marks=KNOWN_BUG, id="array-depth-3000"),
-    pytest.param('{"id": "u1", "audio": "a.wav", "extra": ' + "[" * 2000 + "]" * 2000 + "}", marks=KNOWN_BUG, id="extra-depth-2000"),
-    pytest.param('{"id": "u1", "audio": "a.wav", "age": 1' + "0" * 400 + "}", marks=KNOWN_BUG, id="int-over-float-range"),
+    pytest.param("[" * 3000, id="array-depth-3000"),
+    pytest.param('{"id": "u1", "audio": "a.wav", "extra": ' + "[" * 2000 + "]" * 2000 + "}", id="extra-depth-2000"),
+    pytest.param('{"id": "u1", "audio": "a.wav", "age": 1' + "0" * 400 + "}", id="int-over-float-range"),
     '{"id": "u1", "audio": "a.wav", "age": 1e999}',
 ])
 def test_json_parser_limits(workdir, line):

@@ -78,7 +78,7 @@ def test_overfit_small_set_and_student_reproduces_teacher(tmp_path, tiny_llm_dir
 
 
 def test_resume_continues_same_step_and_loss(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
-    def run(steps, ckpt_path=None, save_every=None):
+    def run(steps, ckpt_path=None, save_every=None, stop_at=None):
         L.seed_everything(0)
         module = make_module(tiny_llm_dir, tiny_whisper_dir)
         data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path, batch_size=2)
@@ -87,6 +87,8 @@ def test_resume_continues_same_step_and_loss(tmp_path, tiny_llm_dir, tiny_whispe
         class Record(L.Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 losses.append((trainer.global_step, float(outputs["loss"])))
+                if stop_at is not None and trainer.global_step >= stop_at:
+                    trainer.should_stop = True  # an interruption: same schedule (max_steps) as the full run
 
         callbacks = [Record()]
         if save_every:
@@ -96,7 +98,7 @@ def test_resume_continues_same_step_and_loss(tmp_path, tiny_llm_dir, tiny_whispe
         return losses, t
 
     full, _ = run(6)
-    run(3, save_every=3)
+    run(6, save_every=3, stop_at=3)
     ckpt = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
     resumed, t = run(6, ckpt_path=str(ckpt))
     assert t.global_step == 6

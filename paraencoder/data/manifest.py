@@ -211,7 +211,10 @@ def _as_float(value: Any, source: str, line: int | None, name: str) -> float:
             raise _err(source, line, name, f"must be a number, got {value!r}") from None
     if not isinstance(value, (int, float)):
         raise _err(source, line, name, f"must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer beyond float range (json.loads gives an exact int)
+        raise _err(source, line, name, f"is too large to be a number of this kind ({str(value)[:20]}...)") from None
     if not math.isfinite(value):
         raise _err(source, line, name, f"must be finite, got {value!r}")
     return value
@@ -351,6 +354,9 @@ def _iter_rows(path: Path, max_line_bytes: int, base_dir: Path) -> Iterator[tupl
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield number, ManifestError(path, number, None, f"is not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:  # Python's json recurses once per nesting level
+                yield number, ManifestError(path, number, None, "is not valid JSON for a manifest (nested too deeply)")
                 continue
             try:
                 yield number, _parse_row(row, source, number, base_dir, from_csv=False)
