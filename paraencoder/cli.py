@@ -21,6 +21,7 @@ TASK_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("paraencoder.data.cli:main", "build, validate and split manifests from corpora"),
     "probe": ("paraencoder.analysis.probe:main", "layer-wise linear probes of paralinguistic cues"),
     "eval": ("paraencoder.eval.cli:main", "evaluation suites (emotion, age, gender, empathy, content, safety)"),
+    "export": ("paraencoder.cli:export_main", "write the adapter of a Lightning checkpoint as safetensors + JSON"),
     "demo": ("paraencoder.demo:main", "the quickstart: build data, train on the packaged default, evaluate"),
 }
 
@@ -98,6 +99,20 @@ def teacher_main(argv: list[str]) -> int:
         llm, requests, cache, decoding=Decoding(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size, rank=args.rank, world_size=args.world_size
     )
     print(f"{len(requests)} teacher requests; cache {cache.directory}: {before} -> {len(cache)} replies")
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="paraencoder export", description="Adapter from a (trusted) Lightning checkpoint.")
+    parser.add_argument("checkpoint", help="a .ckpt written by paraencoder fit (a pickle: only your own runs)")
+    parser.add_argument("--out", required=True, help="adapter directory to write")
+    parser.add_argument("--module", default="paraencoder.training:AlignmentModule", help="module class that wrote it (module:Class)")
+    args = parser.parse_args(argv)
+    from paraencoder.training import export_checkpoint
+
+    module_name, cls_name = args.module.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    print(f"adapter written to {export_checkpoint(args.checkpoint, args.out, module_class=cls)}")
     return 0
 
 

@@ -7,6 +7,7 @@ checkpoints, not in DDP buckets. Checkpoints hold only what trains.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -401,3 +402,23 @@ class AlignmentData(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, module_class: type | None = None) -> Path:
+    """Write the adapter held in a Lightning checkpoint as a released adapter (safetensors + JSON).
+
+    Lightning ``.ckpt`` files are pickles: load only checkpoints you trust (your own runs). The
+    adapter written here is safetensors + JSON, safe to share.
+    """
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if not hparams:
+        raise ConfigError(f"{checkpoint} has no hyper_parameters; it was not written by a paraencoder training run")
+    cls = module_class or AlignmentModule
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    module = cls(**{k: v for k, v in hparams.items() if k in known})
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if unexpected:
+        raise ConfigError(f"{checkpoint} holds tensors {unexpected[:5]} that {cls.__name__} does not have")
+    step = ckpt.get("global_step")
+    return module.adapter.save_pretrained(out_dir, extra_config={"training": {**hparams, "global_step": step, "checkpoint": str(checkpoint)}})

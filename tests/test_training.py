@@ -140,3 +140,18 @@ def test_cli_fit_writes_loadable_adapter(tmp_path, tiny_llm_dir, tiny_whisper_di
     assert isinstance(reply, str)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["training"]["stack"] == 2 and config["llm"]["weights_sha256"]
+
+
+def test_export_checkpoint_gives_the_trained_adapter(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
+    from paraencoder.cli import main
+
+    L.seed_everything(0)
+    module = make_module(tiny_llm_dir, tiny_whisper_dir, export_dir=str(tmp_path / "final"))
+    data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, callbacks=[ckpt], default_root_dir=tmp_path).fit(module, data)
+    assert main(["export", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "exported")]) == 0
+    exported = SpeechAdapter.from_pretrained(tmp_path / "exported", llm=str(tiny_llm_dir))
+    for name, tensor in module.adapter.trainable_state_dict().items():
+        assert torch.equal(exported.trainable_state_dict()[name], tensor), name
+    assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["training"]["global_step"] == 2
