@@ -6,6 +6,7 @@ into soft tokens for one specific frozen LLM, whose identity it records and chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -223,7 +224,11 @@ class SpeechAdapter(nn.Module):
         config["weights"] = {name: list(t.shape) for name, t in state.items()}
         if extra_config:
             config.update(extra_config)
-        atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt", "library": "paraencoder"}))
+        blob = save(state, metadata={"format": "pt", "library": "paraencoder"})
+        # The config (written last) pins the weights' hash: a crash between the two renames, or a
+        # swapped weights file, is caught on load instead of pairing new weights with an old config.
+        config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+        atomic_write_bytes(directory / WEIGHTS_NAME, blob)
         atomic_write_json(directory / CONFIG_NAME, config)
         return directory
 
@@ -287,7 +292,7 @@ class SpeechAdapter(nn.Module):
             system_prompt=(config.get("prompts") or {}).get("system"),
         )
         expected = {name: tuple(t.shape) for name, t in adapter.trainable_state_dict().items()}
-        state = read_safetensors_checked(directory / WEIGHTS_NAME, expected)
+        state = read_safetensors_checked(directory / WEIGHTS_NAME, expected, sha256=config.get("weights_sha256"))
         missing = set(expected) - set(state)
         if missing:
             raise UnsafeFileError(f"{directory / WEIGHTS_NAME} lacks tensors {sorted(missing)[:5]}...")
@@ -296,6 +301,14 @@ class SpeechAdapter(nn.Module):
         adapter.attach_llm(frozen)
         adapter.eval()
         return adapter
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_llm_identity(expected: dict, actual: dict) -> None:
@@ -379,7 +392,7 @@ def check_projector_config(path: Path, config: dict, encoder: SpeechEncoder, wei
         )
 
 
-def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]], *, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read a safetensors file only after its header matches ``expected`` names and shapes exactly.
 
     The header is parsed by hand first, so a hostile file (huge declared sizes, overlapping offsets,
@@ -433,6 +446,12 @@ def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]]) -
     for (s0, e0), (s1, _) in zip(spans, spans[1:]):
         if s1 < e0:
             raise UnsafeFileError(f"{path}: tensors overlap in the data section")
+    if sha256 is not None and _file_sha256(path) != sha256:
+        # The config (written last) pins the weights: this is a torn save or a swapped file.
+        raise UnsafeFileError(
+            f"{path} does not match the weights_sha256 in {path.parent / CONFIG_NAME} "
+            "(an interrupted save or a replaced file); save the adapter again or restore both files together"
+        )
     from safetensors.torch import load_file
 
     try:

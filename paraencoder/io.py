@@ -27,6 +27,16 @@ def _explain_os_error(path: Path, exc: OSError) -> ParaencoderError:
     return ParaencoderError(f"cannot write {path}: {exc}")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; finished outputs get the usual permissions (shared caches on clusters).
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temp file next to ``path``; on success fsync and rename it over ``path``."""
@@ -42,6 +52,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -184,3 +184,16 @@ def test_generate_rejects_bad_audio(tmp_path, tiny_whisper_dir, llm):
         adapter.generate(np.full(16000, np.nan, dtype=np.float32), sample_rate=16000)
     with pytest.raises(PromptError, match="placeholder"):
         adapter.generate(tone(0.5, 200.0), "no placeholder here", sample_rate=16000)
+
+
+def test_adapter_detects_weights_not_matching_config(tmp_path, tiny_whisper_dir, llm):
+    a = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
+    a.save_pretrained(tmp_path / "one")
+    torch.manual_seed(1)
+    b = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
+    b.save_pretrained(tmp_path / "two")
+    # A torn save: new weights next to the old config.
+    (tmp_path / "one" / "adapter.safetensors").write_bytes((tmp_path / "two" / "adapter.safetensors").read_bytes())
+    with pytest.raises(UnsafeFileError, match="weights_sha256"):
+        SpeechAdapter.from_pretrained(tmp_path / "one", llm=llm)
+    assert oct((tmp_path / "two" / "adapter.safetensors").stat().st_mode & 0o777) != oct(0o600)
