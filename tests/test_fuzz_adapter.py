@@ -59,6 +59,11 @@ def base(tmp_path_factory, tiny_whisper_dir, tiny_llm_dir):
     root = tmp_path_factory.mktemp("fuzz_adapter")
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
     adapter.save_pretrained(root / "clean")
+    # Without the config's weights_sha256 pin, so mutated headers reach the header validator
+    # (with it, every changed byte is refused before parsing; test_core checks the pin).
+    config = json.loads((root / "clean" / CONFIG_NAME).read_text())
+    config.pop("weights_sha256")
+    (root / "clean" / CONFIG_NAME).write_text(json.dumps(config))
     raw = (root / "clean" / WEIGHTS_NAME).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     return {
