@@ -214,12 +214,19 @@ class SpeechAdapter(nn.Module):
                 state[name] = tensor.detach().cpu().contiguous()
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, *, extra_config: dict | None = None) -> Path:
-        """Write ``adapter.safetensors`` (trainable weights only) and ``adapter_config.json``, atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, *, extra_config: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+        """Write ``adapter.safetensors`` (trainable weights only) and ``adapter_config.json``, atomically.
+
+        ``dtype=torch.float16`` or ``torch.bfloat16`` halves the file (weights load back as float32).
+        """
         from safetensors.torch import save
 
         directory = Path(directory)
         state = self.trainable_state_dict()
+        if dtype is not None:
+            if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ConfigError(f"save_pretrained(dtype={dtype}): use float32, float16 or bfloat16")
+            state = {k: v.to(dtype) for k, v in state.items()}
         config = json.loads(json.dumps(self.config))
         config["weights"] = {name: list(t.shape) for name, t in state.items()}
         if extra_config:

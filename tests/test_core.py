@@ -197,3 +197,15 @@ def test_adapter_detects_weights_not_matching_config(tmp_path, tiny_whisper_dir,
     with pytest.raises(UnsafeFileError, match="weights_sha256"):
         SpeechAdapter.from_pretrained(tmp_path / "one", llm=llm)
     assert oct((tmp_path / "two" / "adapter.safetensors").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_adapter_saved_in_half_precision_loads_close(tmp_path, tiny_whisper_dir, llm):
+    adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
+    adapter.save_pretrained(tmp_path / "fp32")
+    adapter.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    size32 = (tmp_path / "fp32" / "adapter.safetensors").stat().st_size
+    size16 = (tmp_path / "fp16" / "adapter.safetensors").stat().st_size
+    assert size16 < 0.6 * size32
+    loaded = SpeechAdapter.from_pretrained(tmp_path / "fp16", llm=llm)
+    for name, tensor in adapter.trainable_state_dict().items():
+        assert torch.allclose(loaded.trainable_state_dict()[name], tensor, atol=1e-3, rtol=1e-3), name
