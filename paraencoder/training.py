@@ -265,7 +265,8 @@ class AlignmentModule(L.LightningModule):
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
         target = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
-        self.adapter.save_pretrained(target, extra_config={"training": {k: v for k, v in self.hparams.items()}})
+        training = {**self.hparams, "global_step": self.trainer.global_step if self.trainer else None}
+        self.adapter.save_pretrained(target, extra_config={"training": training})
         print(f"adapter written to {target}")
 
 
