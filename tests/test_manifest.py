@@ -151,3 +151,29 @@ def test_csv_cells(tmp_path):
     with pytest.raises(ManifestError, match="header"):
         (tmp_path / "h.csv").write_text("name,file\n")
         load_manifest(tmp_path / "h.csv")
+
+
+def test_data_cli_build_validate_split(tmp_path):
+    """`paraencoder data` builds a RAVDESS manifest from its file names, validates it, splits by speaker."""
+    import json as _json
+
+    import numpy as _np
+    import soundfile as _sf
+
+    from paraencoder.cli import main
+
+    root = tmp_path / "ravdess"
+    for actor in (1, 2, 3, 4):
+        folder = root / f"Actor_{actor:02d}"
+        folder.mkdir(parents=True)
+        for emotion in (1, 5):
+            _sf.write(folder / f"03-01-{emotion:02d}-01-01-01-{actor:02d}.wav", _np.zeros(8000, _np.float32) + 0.01, 16000)
+    manifest = tmp_path / "m.jsonl"
+    assert main(["data", "build", "ravdess", str(root), "--out", str(manifest)]) == 0
+    rows = [_json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(rows) == 8 and {r["emotion"] for r in rows} == {"neutral", "angry"}
+    assert main(["data", "validate", str(manifest)]) == 0
+    assert main(["data", "split", str(manifest), "--out", str(tmp_path / "splits"), "--fractions", "train=0.5,test=0.5"]) == 0
+    train = {_json.loads(line)["speaker"] for line in (tmp_path / "splits" / "train.jsonl").read_text().splitlines()}
+    test = {_json.loads(line)["speaker"] for line in (tmp_path / "splits" / "test.jsonl").read_text().splitlines()}
+    assert train and test and not train & test
