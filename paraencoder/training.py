@@ -69,6 +69,8 @@ class AlignmentModule(L.LightningModule):
         system_prompt: system message for student and teacher prompts (``None`` = the template's default).
         cache_encoder: when no encoder layer trains, keep each clip's encoder output in memory after
             its first use (the frozen encoder then runs once per clip, not once per epoch).
+        teacher_topk: with ``kl_weight > 0``, keep the teacher's top-k logits per example after
+            their first computation instead of a teacher forward every step (0 = exact teacher).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class AlignmentModule(L.LightningModule):
         export_dir: str | None = None,
         system_prompt: str | None = None,
         cache_encoder: bool = True,
+        teacher_topk: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -114,6 +117,7 @@ class AlignmentModule(L.LightningModule):
         self.objective = ObjectiveMix(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, chunk_size=chunk_size)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._encoder_cache: dict[tuple, torch.Tensor] = {}
+        self._topk_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -206,9 +210,34 @@ class AlignmentModule(L.LightningModule):
         enc, embeds = self.student_batch(batch, replies)
         hidden = self.llm.hidden_states(embeds, enc.attention_mask)
         h, targets = self.response_hidden(hidden, enc.labels)
-        teacher = self.teacher_hidden(examples, replies) if self.hparams.kl_weight > 0 else None
         head = self.llm.lm_head
-        return self.objective(h, head.weight, targets, teacher_hidden=teacher, bias=getattr(head, "bias", None))
+        bias = getattr(head, "bias", None)
+        if self.hparams.kl_weight > 0 and self.hparams.teacher_topk > 0:
+            topk = self.cached_teacher_topk(examples, replies, enc.labels)
+            return self.objective(h, head.weight, targets, teacher_topk=topk, bias=bias)
+        teacher = self.teacher_hidden(examples, replies) if self.hparams.kl_weight > 0 else None
+        return self.objective(h, head.weight, targets, teacher_hidden=teacher, bias=bias)
+
+    def cached_teacher_topk(self, examples: list[AlignmentExample], replies, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k logits at each reply token, computed once per example and kept on CPU.
+
+        Replaces a teacher forward per step for KL; the approximation (student and teacher
+        renormalised over the teacher's top-k) is measured in docs/objectives.md.
+        """
+        from paraencoder.objectives import topk_teacher_logits
+
+        keys = [(ex.utt_id, ex.task, ex.teacher_prompt, ex.reply) for ex in examples]
+        missing = [i for i, k in enumerate(keys) if k not in self._topk_cache]
+        if missing:
+            sub = [examples[i] for i in missing]
+            hidden = self.teacher_hidden(sub, [replies[i] for i in missing])
+            values, indices = topk_teacher_logits(hidden, self.llm.lm_head.weight, self.hparams.teacher_topk, self.hparams.chunk_size)
+            counts = (labels[missing, 1:] != -100).sum(1).tolist()
+            for i, v, ix in zip(missing, values.split(counts), indices.split(counts)):
+                self._topk_cache[keys[i]] = (v.cpu(), ix.cpu())
+        values = torch.cat([self._topk_cache[k][0] for k in keys]).to(self.device)
+        indices = torch.cat([self._topk_cache[k][1] for k in keys]).to(self.device)
+        return values, indices
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         try:
@@ -371,6 +400,11 @@ class AlignmentData(L.LightningDataModule):
         hp = self.hparams
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
+        if world > 1 and getattr(getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+            raise ConfigError(
+                "distributed training: set trainer.use_distributed_sampler: false (paraencoder's batch samplers "
+                "already shard by rank; Lightning cannot wrap a batch sampler)"
+            )
         if hp.bucket:
             from paraencoder.data.sampling import LengthBucketSampler
 

@@ -72,12 +72,6 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, tiny_llm_dir, tiny_whisper
     assert (out / "adapter" / "adapter.safetensors").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generate_teacher_replies shards over the keys *missing* at start, so a rank that starts after another "
-    "rank wrote parts gets a shifted share and some keys are never generated; fix: shard over all distinct keys, "
-    "then skip cached ones (patch in the performance report). Remove this marker with the fix.",
-)
 def test_sharded_teacher_generation_matches_one_process(tmp_path, tiny_llm_dir, toy_corpus):
     from paraencoder.data.teacher import iter_cache_records
 

@@ -155,3 +155,21 @@ def test_export_checkpoint_gives_the_trained_adapter(tmp_path, tiny_llm_dir, tin
     for name, tensor in module.adapter.trainable_state_dict().items():
         assert torch.equal(exported.trainable_state_dict()[name], tensor), name
     assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["training"]["global_step"] == 2
+
+
+def test_cached_teacher_topk_equals_exact_kl_when_k_is_vocab(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
+    """With k = V the cached top-k KL is the exact KL; the cache then serves later steps."""
+    module_exact = make_module(tiny_llm_dir, tiny_whisper_dir, ce_weight=0.0, kl_weight=1.0)
+    vocab = module_exact.llm.vocab_size
+    module_topk = make_module(tiny_llm_dir, tiny_whisper_dir, ce_weight=0.0, kl_weight=1.0, teacher_topk=vocab)
+    module_topk.adapter.load_state_dict(module_exact.adapter.state_dict())
+    data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path)
+    data.setup("fit")
+    batch = collate([data.train_set[i] for i in range(4)])
+    with torch.no_grad():
+        exact, _ = module_exact.compute_loss(batch)
+        cached, _ = module_topk.compute_loss(batch)
+        again, _ = module_topk.compute_loss(batch)
+    assert exact.item() > 0
+    assert abs(cached.item() - exact.item()) < 2e-3 * max(1.0, exact.item())  # float16 cache
+    assert again.item() == cached.item() and len(module_topk._topk_cache) == 4

@@ -129,11 +129,11 @@ def generate_teacher_replies(
     default_system = getattr(llm, "system_prompt", None)
     requests = [r if r.system is not None else TeacherRequest(r.prompt, default_system) for r in requests]
     keys = [teacher_key(llm.identity, r, decoding, template) for r in requests]
-    todo: dict[str, TeacherRequest] = {}
+    unique: dict[str, TeacherRequest] = {}
     for key, request in zip(keys, requests):
-        if key not in cache and key not in todo:
-            todo[key] = request
-    mine = [kv for i, kv in enumerate(sorted(todo.items())) if i % world_size == rank]
+        unique.setdefault(key, request)
+    # Shard over all distinct keys: ownership must not depend on what the cache held at start.
+    mine = [kv for i, kv in enumerate(sorted(unique.items())) if i % world_size == rank and kv[0] not in cache]
     # Sort by prompt length so batches pad little.
     mine.sort(key=lambda kv: len(kv[1].prompt))
     bar = None
