@@ -235,7 +235,7 @@ class PEFTAlignmentModule(AlignmentModule):
         self,
         train_layers: str = "none",
         probe_report: str | None = None,
-        auto_margin: float = 0.1,
+        auto_margin: float = 0.05,
         paralinguistic: list[str] = ["emotion", "age_group", "gender"],  # noqa: B006 - jsonargparse needs literal defaults
         semantic: list[str] = ["sentence"],  # noqa: B006
         encoder_lr: float | None = None,

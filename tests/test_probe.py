@@ -119,6 +119,15 @@ def test_auto_train_layers():
     assert P.format_layer_spec([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
 
 
+def test_auto_train_layers_ignores_saturated_labels():
+    # Gender is within 5 % of its peak everywhere (no localisation): only emotion decides (hidden 3 -> layer 2).
+    report = _report({"emotion": [0.2, 0.4, 0.5, 0.7, 0.5], "gender": [0.99, 1.0, 1.0, 1.0, 0.99]}, {"emotion": 0.125, "gender": 0.5})
+    assert P.auto_train_layers(report, margin=0.05) == "2"
+    flat = _report({"gender": [0.99, 1.0, 1.0]}, {"gender": 0.5})
+    with pytest.raises(ConfigError, match="flat"):
+        P.auto_train_layers(flat, margin=0.05)
+
+
 def _manual_pool(encoder, wave: np.ndarray) -> list[np.ndarray]:
     with torch.no_grad():
         out = encoder(torch.from_numpy(wave)[None], torch.tensor([len(wave)]))

@@ -341,8 +341,13 @@ def _curves(report: dict) -> list[tuple[str, list[str], dict]]:
 
 
 def _band(curves: list[tuple[list[str], dict]], margin: float) -> list[int]:
-    """Encoder hidden-state indices where the mean normalised accuracy is within ``margin`` of its peak."""
-    scores: dict[int, list[float]] = {}
+    """Encoder hidden-state indices where the mean normalised accuracy is within ``margin`` of its peak.
+
+    A curve within ``margin`` of its own peak at *every* layer (a saturated label, e.g. gender at
+    100 % everywhere) says nothing about where the cue lives and is left out; if every curve is
+    like that, the band is empty.
+    """
+    normalised: list[dict[int, float]] = []
     for layers, entry in curves:
         enc = [(int(name.split(".")[1]), acc) for name, acc in zip(layers, entry["accuracy"]) if name.startswith("encoder.")]
         if not enc:
@@ -350,11 +355,13 @@ def _band(curves: list[tuple[list[str], dict]], margin: float) -> list[int]:
         floor, top = entry["chance"], max(acc for _, acc in enc)
         if top <= floor + 1e-9:
             continue  # no layer beats chance: this label says nothing about where cues live
-        for h, acc in enc:
-            scores.setdefault(h, []).append((acc - floor) / (top - floor))
-    if not scores:
+        curve = {h: (acc - floor) / (top - floor) for h, acc in enc}
+        if min(curve.values()) >= 1 - margin:
+            continue  # flat: everywhere within the margin of its peak
+        normalised.append(curve)
+    if not normalised:
         return []
-    mean = {h: float(np.mean(v)) for h, v in scores.items()}
+    mean = {h: float(np.mean([c[h] for c in normalised if h in c])) for h in set().union(*normalised)}
     peak = max(mean.values())
     return sorted(h for h, s in mean.items() if s >= peak - margin)
 
@@ -364,13 +371,14 @@ def auto_train_layers(
     *,
     paralinguistic: Sequence[str] = ("emotion", "age_group", "gender"),
     semantic: Sequence[str] = ("sentence",),
-    margin: float = 0.1,
+    margin: float = 0.05,
 ) -> str:
     """A ``train_layers`` spec (e.g. ``"2-4"``) from a probe report.
 
     Per label, accuracy is rescaled so its chance rate is 0 and its best encoder layer is 1, then
-    averaged over the ``paralinguistic`` labels (and separately the ``semantic`` ones). Hidden
-    states scoring within ``margin`` of the group's peak form its band; hidden state ``h`` is the
+    averaged over the ``paralinguistic`` labels (and separately the ``semantic`` ones); labels that
+    are within ``margin`` of their peak at every layer (saturated: no localisation) are left out.
+    Hidden states scoring within ``margin`` of the group's peak form its band; hidden state ``h`` is the
     output of transformer layer ``h - 1``, so the band's layers are those that *produce* the
     informative states (hidden state 0, the convolutional input, has no layer). The result is the
     union of the paralinguistic and semantic bands, as a compact range string.
@@ -384,7 +392,14 @@ def auto_train_layers(
     if not para:
         found = sorted({label for label, _, _ in curves})
         raise ConfigError(f"auto_train_layers: the probe report has none of the paralinguistic labels {list(paralinguistic)} (it has {found})")
-    hidden = set(_band(para, margin)) | set(_band(sem, margin))
+    para_band = _band(para, margin)
+    if not para_band:
+        found = sorted({label for label, _, _ in curves if label in paralinguistic})
+        raise ConfigError(
+            f"auto_train_layers: the paralinguistic probes {found} are at chance or flat across layers (within margin={margin}); "
+            "nothing localises the cues: pass train_layers explicitly or a smaller margin"
+        )
+    hidden = set(para_band) | set(_band(sem, margin))
     layers = sorted(h - 1 for h in hidden if h >= 1)
     if not layers:
         # Cues peak at the convolutional input: the first transformer layer is the closest that trains.
@@ -532,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="use at most N clips per corpus (seeded, whole speakers kept) for quick looks")
     parser.add_argument("--content-word", default=None, help="word for the word-presence content label (default: most frequent)")
-    parser.add_argument("--margin", type=float, default=0.1, help="auto_train_layers margin")
+    parser.add_argument("--margin", type=float, default=0.05, help="auto_train_layers margin")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
