@@ -231,7 +231,9 @@ class SpeechAdapter(nn.Module):
         config["weights"] = {name: list(t.shape) for name, t in state.items()}
         if extra_config:
             config.update(extra_config)
-        blob = save(state, metadata={"format": "pt", "library": "paraencoder"})
+        # One metadata key only: safetensors writes a metadata map in hash order, which would make
+        # otherwise identical adapters differ byte for byte between processes.
+        blob = save(state, metadata={"format": "pt"})
         # The config (written last) pins the weights' hash: a crash between the two renames, or a
         # swapped weights file, is caught on load instead of pairing new weights with an old config.
         config["weights_sha256"] = hashlib.sha256(blob).hexdigest()

@@ -17,6 +17,7 @@ teacher cache are reused, and a finished adapter is evaluated as is (``--retrain
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -131,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PARAENCODER_CACHE", str(Path.home() / ".cache" / "paraencoder"))
-    timings: dict[str, float] = {}
+    # Stage times of an earlier (resumed) run are kept; stages run now overwrite theirs.
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
     t = time.perf_counter()
     manifests = build_manifests(data, out, quick=args.quick)
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.max_steps or (60 if args.quick else None)
         _fit(args.recipe, out, manifests["train"], steps, extra)
         timings["teacher replies + training"] = time.perf_counter() - t
+        atomic_write_json(timings_path, timings)
     else:
         print(f"[demo] using the existing adapter in {adapter_dir} (--retrain to train again)")
 
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[f"eval: {suite} ({len(utts)} clips)"] = time.perf_counter() - t_suite
     timings["eval: total"] = time.perf_counter() - t
 
-    atomic_write_json(out / "timings.json", timings)
+    atomic_write_json(timings_path, timings)
     report = render_report(results, timings, out, args.quick)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "results.json", {k: v.get("metrics", v) for k, v in results.items()})

@@ -200,7 +200,7 @@ class ParaBridgeModule(AlignmentModule):
 
         directory = Path(directory)
         hp = self.hparams
-        atomic_write_bytes(directory / LORA_WEIGHTS_NAME, save(self.lora_state_dict(), metadata={"format": "pt", "library": "paraencoder"}))
+        atomic_write_bytes(directory / LORA_WEIGHTS_NAME, save(self.lora_state_dict(), metadata={"format": "pt"}))
         atomic_write_json(
             directory / LORA_CONFIG_NAME,
             {

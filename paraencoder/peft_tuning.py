@@ -140,7 +140,7 @@ class LLMLoRA(nn.Module):
 
         directory = Path(directory)
         state = self.lora_state_dict()
-        atomic_write_bytes(directory / LORA_WEIGHTS, save(state, metadata={"format": "pt", "library": "paraencoder"}))
+        atomic_write_bytes(directory / LORA_WEIGHTS, save(state, metadata={"format": "pt"}))
         atomic_write_json(directory / LORA_CONFIG, {"library": "paraencoder", **self.config, "weights": {k: list(v.shape) for k, v in state.items()}})
         return directory
 
@@ -418,7 +418,7 @@ class PEFTAlignmentModule(AlignmentModule):
             from safetensors.torch import save
 
             state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-            atomic_write_bytes(directory / HEAD_WEIGHTS, save(state, metadata={"format": "pt", "library": "paraencoder"}))
+            atomic_write_bytes(directory / HEAD_WEIGHTS, save(state, metadata={"format": "pt"}))
             atomic_write_json(directory / HEAD_CONFIG, {
                 "library": "paraencoder", "layer": self.head_layer, "vocab": self.head.label_vocab(),
                 "hierarchy": self.head.hierarchy, "hidden_dim": self.hparams.head_hidden_dim,
