@@ -14,6 +14,8 @@ from paraencoder.eval.suites import classify_safety, transcript_prompt
 
 EMOTION_CASES = [
     ("The speaker sounds sad and tired.", "sad"),
+    ("The speaker is feeling angry and upset, but their tone is not entirely clear.", "angry"),
+    ("The speaker is feeling a mix of sadness and anxiety.", "sad"),
     ("They are not happy at all; they seem angry.", "angry"),
     ("I do not think the speaker is angry. The speaker is calm.", "calm"),
     ("The speaker doesn't sound happy, rather sad.", "sad"),
@@ -178,3 +180,19 @@ def test_run_suite_rejects_unknown(tiny_adapter, toy_utts):
         u.gender = None
     with pytest.raises(ConfigError, match="no utterance has a gender"):
         run_suite("gender", adapter=tiny_adapter, utterances=no_gender, progress=False)
+
+
+def test_rescore_rebuilds_metrics_from_stored_replies(tmp_path):
+    from paraencoder.eval.suites import rescore
+
+    rows = [
+        {"id": "a", "label": "angry", "speech_reply": "The speaker is feeling angry and upset.", "speech_pred": None},
+        {"id": "b", "label": "sad", "speech_reply": "They sound sad.", "speech_pred": "sad"},
+        {"id": "c", "label": "sad", "speech_reply": "Happy or sad?", "speech_pred": None},
+    ]
+    result = {"suite": "emotion", "metrics": {"labels": ["sad", "angry"], "label_set": "emotion8", "n": 3}, "rows": rows, "notes": []}
+    out = rescore(result, tmp_path)
+    assert [r["speech_pred"] for r in out["rows"]] == ["angry", "sad", None]
+    assert out["metrics"]["speech"]["accuracy"] == pytest.approx(2 / 3)
+    assert out["metrics"]["speech"]["unparsable_rate"] == pytest.approx(1 / 3)
+    assert (tmp_path / "emotion.json").is_file() and (tmp_path / "emotion.png").is_file()

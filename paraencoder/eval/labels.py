@@ -121,7 +121,9 @@ _SENTIMENT_PATTERNS: dict[str, tuple[str, ...]] = {
 _NEGATORS = re.compile(r"\b(?:not|no|never|without|nor|neither|hardly|isn't|aren't|wasn't|doesn't|don't|didn't|cannot|can't)\b|n't\b")
 _NOT_NEGATING = re.compile(r"\bno (?:doubt|question)\b|\bnot only\b")
 _CLAUSE_BREAK = re.compile(r"[.;:!?,]|\b(?:but|rather|instead|though|although|however)\b")
-_JOINER = re.compile(r"^\W*(?:or|and|and/or|/|nor)\W*(?:an?\s+|the\s+)?\W*$")
+# Alternatives ("child or adult") echo a question: ambiguous. A conjunction ("angry and upset")
+# describes one state with its most salient word first, so "and" does not make a reply ambiguous.
+_JOINER = re.compile(r"^\W*(?:or|and/or|/|nor)\W*(?:an?\s+|the\s+)?\W*$")
 
 
 def _compile(table: Mapping[str, tuple[str, ...]]) -> list[tuple[str, re.Pattern]]:
@@ -160,8 +162,8 @@ def _matches(text: str, table: Mapping[str, tuple[str, ...]]) -> list[tuple[int,
 def extract_label(text: str | None, table: Mapping[str, tuple[str, ...]]) -> str | None:
     """The first non-negated label of ``table`` named in ``text``; ``None`` if none or ambiguous.
 
-    Ambiguous = the first two distinct labels are joined only by "or"/"and"/"/" (an echo of the
-    question, "child or adult"), and nothing before them decides.
+    Ambiguous = the first two distinct labels are joined only by "or"/"/" (an echo of the
+    question, "child or adult"), and nothing before them decides. With "and" the first wins.
     """
     if not text:
         return None

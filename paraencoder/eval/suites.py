@@ -577,3 +577,35 @@ def build_safety_set(out_dir: str | Path, requests: Sequence[str] = SAFETY_REQUE
             utts.append(Utterance(id=f"safety-{i:02d}-{voice}", audio=str(path), transcript=text, duration=duration, age_group=voice, speaker=f"synthetic-{voice}", corpus="safety", extra={"synthetic": True}))
     write_manifest(out / "manifest.jsonl", utts)
     return utts
+
+
+def rescore(result: dict, out_dir: str | Path | None = None) -> dict:
+    """Recompute a classification suite's predictions and metrics from its stored replies.
+
+    For a better label parser, no regeneration: the replies in ``result["rows"]`` are parsed again
+    and the metrics rebuilt exactly as :func:`run_suite` builds them.
+    """
+    name = result["suite"]
+    if name not in _CLASSIFY:
+        raise ConfigError(f"rescore: suite {name!r} is not a classification suite ({', '.join(_CLASSIFY)})")
+    _, _, extract, default_set = _CLASSIFY[name]
+    metrics = dict(result["metrics"])
+    lset = get_label_set(metrics.get("label_set") or default_set)
+    labels_in_data = metrics["labels"]
+    rows = [dict(r) for r in result["rows"]]
+    truth = [r["label"] for r in rows]
+    views = [v for v in ("speech", "transcript", "stated") if f"{v}_reply" in rows[0]] if rows else []
+    for view in views:
+        for r in rows:
+            raw = extract(r[f"{view}_reply"])
+            r[f"{view}_pred"] = None if raw is None else (lset.map(raw) or "(other)")
+        idx = [i for i, r in enumerate(rows) if view == "speech" or r[f"{view}_reply"] is not None]
+        metrics[view] = classification_report([truth[i] for i in idx], [rows[i][f"{view}_pred"] for i in idx], labels_in_data)
+    metrics["chance_majority"] = metrics["speech"]["chance_majority"]
+    out = {**result, "metrics": metrics, "rows": rows}
+    out["notes"] = list(result.get("notes", [])) + ["rescored from stored replies with the current label parser"]
+    if out_dir is not None:
+        from paraencoder.eval.report import write_report
+
+        out["files"] = {k: str(v) for k, v in write_report(out, out_dir).items()}
+    return out
