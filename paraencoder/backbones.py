@@ -402,16 +402,20 @@ def _load_llm_dir(directory: Path, name: str, source: str, weight_files: Sequenc
     except Exception as exc:
         raise BackboneError(f"cannot load the causal LM in {directory} (from {source}): {type(exc).__name__}: {exc}") from exc
     model.eval()
-    config = model.config
-    identity = {
+    identity = _identity(name, source, weight_files, model.config, hidden_size=int(model.config.hidden_size))
+    return LoadedLLM(model, tokenizer, identity, directory)
+
+
+def _identity(name: str, source: str, weight_files: Sequence[Path], config, **fields) -> dict:
+    """What names a backbone's weights: its name, where it came from, the sha256 of its files."""
+    return {
         "name": name,
         "source": source,
         "weights_sha256": weights_sha256(weight_files),
-        "hidden_size": int(config.hidden_size),
-        "vocab_size": int(config.vocab_size),
+        "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
         "model_type": config.model_type,
+        **fields,
     }
-    return LoadedLLM(model, tokenizer, identity, directory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,15 +510,7 @@ def _load_whisper_dir(directory: Path, name: str, source: str, weight_files: Seq
         raise BackboneError(f"cannot load Whisper from {directory} (from {source}): {type(exc).__name__}: {exc}") from exc
     model.eval()
     config = model.config
-    identity = {
-        "name": name,
-        "source": source,
-        "weights_sha256": weights_sha256(weight_files),
-        "hidden_size": int(config.d_model),
-        "vocab_size": int(config.vocab_size),
-        "model_type": config.model_type,
-        "num_layers": int(config.encoder_layers),
-    }
+    identity = _identity(name, source, weight_files, config, hidden_size=int(config.d_model), num_layers=int(config.encoder_layers))
     return LoadedWhisper(model, tokenizer, identity, directory)
 
 
