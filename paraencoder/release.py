@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from paraencoder.io import atomic_write_text
+from paraencoder.io import atomic_write_bytes, atomic_write_text
 
 
 def _pct(value) -> str:
@@ -138,7 +137,7 @@ def release(run: Path, out: Path, name: str | None = None) -> Path:
             evals[suite] = json.loads(path.read_text())
             png = run / "eval" / f"{suite}.png"
             if png.is_file():
-                shutil.copyfile(png, out / f"{suite}.png")
+                atomic_write_bytes(out / f"{suite}.png", png.read_bytes())
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
     summary = {s: {v: r["metrics"].get(v, {}).get("agreement" if s == "empathy" else "accuracy") for v in ("speech", "transcript", "stated")} for s, r in evals.items()}
     atomic_write_text(out / "results.json", json.dumps({"summary": summary, "metrics": {s: r["metrics"] for s, r in evals.items()}, "timings": timings}, indent=2) + "\n")
