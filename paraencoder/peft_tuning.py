@@ -263,6 +263,12 @@ class PEFTAlignmentModule(AlignmentModule):
         # LoRA on the LLM: a registered submodule, so its parameters train and are checkpointed.
         self.lora: LLMLoRA | None = None
         if str(lora_layers).strip().lower() not in ("none", ""):
+            # LoRA goes into a private copy: the process-wide memoized LLM (shared with the data
+            # module and any other module) must stay exactly the frozen base model.
+            import copy
+
+            base = self.llm
+            self.llm = FrozenLLM(copy.deepcopy(base.model), base.tokenizer, dict(base.identity), base.system_prompt)
             self.lora = LLMLoRA(self.llm, lora_layers, lora_rank, lora_alpha, lora_targets)
         # The auxiliary dual-level head.
         self.head = None
