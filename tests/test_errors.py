@@ -121,6 +121,20 @@ ALLOWED = {
 }
 
 
+def test_teacher_cache_removes_only_stale_temporaries(tmp_path):
+    """A killed writer's hour-old temp file goes when the cache opens; a fresh one (a live writer) stays."""
+    cache_dir = tmp_path / "teacher"
+    TeacherCache(cache_dir).add([{"key": "k", "reply": "r"}])
+    stale, fresh = cache_dir / ".part-1-dead.jsonl.abc.tmp", cache_dir / ".part-2-live.jsonl.def.tmp"
+    stale.write_text('{"key": "half')
+    fresh.write_text('{"key": "half')
+    two_hours_ago = os.stat(stale).st_mtime - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    cache = TeacherCache(cache_dir)
+    assert not stale.exists() and fresh.exists()
+    assert cache.get("k") == "r" and len(cache) == 1
+
+
 def test_library_writes_only_through_paraencoder_io():
     """Static check: no module opens a file for writing or calls a file-writing API except io.py."""
     offenders = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,25 @@ class TeacherCache:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._replies: dict[str, str] = {}
+        self.remove_stale_temporaries()
         self.reload()
+
+    def remove_stale_temporaries(self, older_than_s: float = 3600.0) -> int:
+        """Delete temp files a killed writer left behind (``.part-*.tmp``); returns how many.
+
+        Only files untouched for ``older_than_s`` go: a live writer (another rank sharing the cache)
+        writes and renames a part in well under a second, so an hour-old temp file has no owner.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for tmp in self.directory.glob(".part-*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # another process cleaned it first
+                pass
+        return removed
 
     def reload(self) -> None:
         self._replies.clear()
