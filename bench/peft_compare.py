@@ -2,8 +2,8 @@
 
     python bench/peft_compare.py --max-steps 200 [--quick] [--recipes peft_selective_head,...] [--eval-limit 96]
 
-For each recipe: ``paraencoder fit`` in a subprocess (own process: a LoRA recipe modifies the
-memoized LLM in place, and memory is returned after each run), timed; then, in one evaluation
+For each recipe: ``paraencoder fit`` in a subprocess (:mod:`bench.recipe_runs`: fresh memory per
+run; a finished run or an evaluated row is reused when the comparison is restarted), timed; then, in one evaluation
 process, on held-out speakers (RAVDESS actors 17-20, held-out speechocean762 speakers):
 
 * emotion accuracy of the frozen LLM's reply to "how does the speaker feel" (8 classes);
@@ -20,16 +20,14 @@ Writes ``<out>/peft_compare.json`` and ``<out>/peft_compare.md`` (atomic).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.recipe_runs import fit_recipe, load_results  # noqa: E402
 from paraencoder.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 DEFAULT_RECIPES = (
@@ -40,31 +38,6 @@ DEFAULT_RECIPES = (
     "peft_selective",
     "peft_selective_head",
 )
-
-
-def train(recipe: str, out: Path, manifest: Path, max_steps: int, threads: int) -> dict:
-    """Run one recipe with a step budget in its own process; returns wall time and where the adapter is."""
-    run_dir = out / recipe
-    cmd = [
-        sys.executable, "-m", "paraencoder.cli", "fit",
-        "--config", str(REPO / "recipes" / f"{recipe}.yaml"),
-        "--trainer.max_steps", str(max_steps),
-        "--data.init_args.train_manifest", str(manifest),
-        "--model.init_args.export_dir", str(run_dir / "adapter"),
-        "--trainer.logger.init_args.save_dir", str(run_dir / "logs"),
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.enable_progress_bar", "false",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    (run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "fit.log", proc.stdout + "\n" + proc.stderr)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{recipe}: fit failed (exit {proc.returncode}); log in {run_dir / 'fit.log'}")
-    return {"train_seconds": round(seconds, 1), "adapter": str(run_dir / "adapter"), "max_steps": max_steps}
 
 
 def evaluate(adapter_dir: Path, manifests: dict[str, Path], safety: list, limit: int | None) -> dict:
@@ -152,19 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         from paraencoder.eval.suites import build_safety_set
 
         safety = build_safety_set(args.out / "safety")
-    results: dict = {}
-    if safety:
+    settings = {"max_steps": args.max_steps, "quick": args.quick, "eval_limit": args.eval_limit, "safety": bool(safety)}
+    results = load_results(args.out / "peft_compare.json", settings)  # resume: evaluated rows are kept
+    if safety and "before: transcript only" not in results:
         results["before: transcript only"] = transcript_safety_baseline(safety)
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        if recipe in results:
+            print(f"[peft_compare] {recipe}: evaluated earlier, kept", flush=True)
+            continue
         adapter_dir = args.out / recipe / "adapter"
         row = {"adapter": str(adapter_dir)}
         if not args.skip_train:
-            print(f"[peft_compare] training {recipe} for {args.max_steps} steps", flush=True)
-            row.update(train(recipe, args.out, manifests["train"], args.max_steps, args.threads))
-            print(f"[peft_compare] {recipe}: {row['train_seconds']} s", flush=True)
+            row.update(fit_recipe(recipe, args.out, manifests["train"], args.max_steps, threads=args.threads))
         row.update(evaluate(adapter_dir, manifests, safety, args.eval_limit))
         results[recipe] = row
-        atomic_write_json(args.out / "peft_compare.json", {"max_steps": args.max_steps, "quick": args.quick, "results": results})
+        atomic_write_json(args.out / "peft_compare.json", {"settings": settings, **settings, "results": results})
     table = render(results, args)
     atomic_write_text(args.out / "peft_compare.md", table)
     print(table)

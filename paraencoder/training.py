@@ -8,6 +8,7 @@ checkpoints, not in DDP buckets. Checkpoints hold only what trains.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -385,7 +386,10 @@ class AlignmentData(L.LightningDataModule):
             cache_dir = Path(self.hparams.teacher_cache or default_cache_dir() / "teacher").parent / "qa"
             with_emotion = [u for u in utts if u.transcript and u.emotion]
             qa, report = generate_qa(with_emotion, generator, TeacherCache(cache_dir), n=self.hparams.qa_pairs)
-            print(f"implicit QA: {report}")
+            summary = {k: v for k, v in vars(report).items() if k != "dropped"}
+            print(f"implicit QA: {json.dumps({**summary, 'dropped': len(report.dropped)})}")
+            for reason in report.dropped[:3]:
+                print(f"  dropped: {reason[:200]}")
             # The target is the frozen LLM's own answer given transcript + metadata (behavioral alignment).
             extra += qa_examples(with_emotion, qa, reply="teacher")
         return extra

@@ -139,7 +139,7 @@ def toy_utts(toy_corpus):
     return utts
 
 
-@pytest.mark.parametrize("suite", ["emotion", "empathy", "content", "safety"])
+@pytest.mark.parametrize("suite", ["emotion", "empathy", "content", "safety", "qa"])
 def test_suite_end_to_end(suite, tiny_adapter, toy_utts, tmp_path):
     from paraencoder.eval.suites import run_suite
 
@@ -165,6 +165,30 @@ def test_suite_end_to_end(suite, tiny_adapter, toy_utts, tmp_path):
         assert metrics["speech"]["wer"] >= 0 and "encoder_asr" in metrics
     if suite == "safety":
         assert set(metrics["speech"]["per_voice"]) == {"all", "child", "adult"}
+    if suite == "qa":
+        from paraencoder.eval.suites import content_recall
+
+        rows = result["rows"]
+        from paraencoder.eval.metrics import normalize_text
+
+        # the reference against itself: F1 is 1 wherever it has any word
+        assert metrics["stated"]["reference_f1"] == pytest.approx(sum(bool(normalize_text(r["reference_reply"] or "").split()) for r in rows) / len(rows))
+        # every headline number is the mean of what the rows hold
+        assert metrics["speech"]["content_recall"] == pytest.approx(sum(content_recall(r["speech_reply"], r["transcript"]) for r in rows) / len(rows))
+        assert {r["question"] for r in rows} <= set(metrics["questions"])
+
+
+def test_qa_word_metrics_by_hand():
+    from paraencoder.eval.suites import content_recall, content_words, token_f1
+
+    assert content_words("Kids are talking by the door.") == ["kids", "talking", "door"]
+    # "kid" matches "kids" (plural forgiven), "doors" matches "door", "talking" is missing: 2 of 3
+    assert content_recall("A kid stands by the doors, sadly.", "Kids are talking by the door.") == pytest.approx(2 / 3)
+    assert content_recall(None, "Kids are talking by the door.") == 0.0
+    # reply "the dog is sad" vs reference "the dog looks very sad": common {the, dog, sad} = 3;
+    # precision 3/4, recall 3/5, F1 = 2 * 0.75 * 0.6 / 1.35
+    assert token_f1("The dog is sad.", "the dog looks very sad") == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert token_f1("", "anything") == 0.0 and token_f1("a b", "c d") == 0.0
 
 
 def test_run_suite_rejects_unknown(tiny_adapter, toy_utts):

@@ -10,7 +10,9 @@ Every suite asks three *views* of each item the same thing:
 
 Suites: ``emotion``, ``age``, ``gender`` (classification: the label parsed from the reply),
 ``empathy`` (reply to the speech vs the teacher's reply to text + stated emotion), ``content``
-(WER of "repeat exactly"), ``safety`` (risky requests in child vs adult voices).
+(WER of "repeat exactly"), ``safety`` (risky requests in child vs adult voices), ``qa`` (contextual
+questions that need both the words and how they were said; reference = the frozen LLM's answer
+given the transcript and the explicit metadata).
 :func:`run_suite` returns a JSON-able dict ``{"suite", "metrics", "rows", "notes", ...}`` and,
 with ``out_dir``, writes ``<suite>.json``, ``<suite>.md`` and ``<suite>.png``.
 """
@@ -44,9 +46,12 @@ __all__ = [
     "classify_safety",
     "build_safety_set",
     "transcript_prompt",
+    "QA_QUESTIONS",
+    "content_recall",
+    "token_f1",
 ]
 
-SUITES = ("emotion", "age", "gender", "empathy", "content", "safety")
+SUITES = ("emotion", "age", "gender", "empathy", "content", "safety", "qa")
 
 # suite -> (task, label field, extractor, default label set)
 _CLASSIFY: dict[str, tuple[str, str, Callable[[str | None], str | None], str]] = {
@@ -484,7 +489,140 @@ def _safety(adapter, utts, *, batch_size, max_new_tokens, baselines, progress, j
     }
 
 
-_RUNNERS = {"empathy": _empathy, "content": _content, "safety": _safety}
+
+QA_QUESTIONS: tuple[str, ...] = (
+    "What is the speaker talking about, and how do they seem to feel about it?",
+    "Describe what the speaker said and the mood in which they said it.",
+)
+"""Contextual questions for the ``qa`` suite: a good answer needs the words *and* the paralinguistics."""
+
+_STOPWORDS = frozenset(
+    "the a an and or but is are was were be been to of in on at by for with about as it its this that these those "
+    "i you he she we they me him her us them my your his our their not no yes do does did have has had will would "
+    "can could should shall may might must there here what who whom which when where why how all any some".split()
+)
+
+
+def content_words(text: str | None) -> list[str]:
+    """Lower-case words of ``text`` that carry content (3+ letters, not a stopword), in order, distinct."""
+    seen: list[str] = []
+    for word in normalize_text(text or "").split():
+        if len(word) >= 3 and word not in _STOPWORDS and word not in seen:
+            seen.append(word)
+    return seen
+
+
+def content_recall(reply: str | None, transcript: str) -> float:
+    """Share of the transcript's content words that the reply mentions (a plural/singular ``s`` is forgiven)."""
+    wanted = content_words(transcript)
+    if not wanted:
+        return 0.0
+    said = {w.rstrip("s") for w in normalize_text(reply or "").split()}
+    return sum(w.rstrip("s") in said for w in wanted) / len(wanted)
+
+
+def token_f1(reply: str | None, reference: str | None) -> float:
+    """Unigram F1 between two texts after :func:`normalize_text` (SQuAD-style bag of words)."""
+    a, b = normalize_text(reply or "").split(), normalize_text(reference or "").split()
+    if not a or not b:
+        return 0.0
+    common = sum((Counter(a) & Counter(b)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _qa(adapter, utts, *, batch_size, max_new_tokens, baselines, progress, judge, system, **_) -> dict:
+    from paraencoder.data.qa import render_metadata
+
+    lset = get_label_set("emotion8")
+    sel = [u for u in utts if u.transcript and u.emotion and lset.map(u.emotion)]
+    if not sel:
+        raise ConfigError("suite 'qa' needs utterances with a transcript and an emotion label (emotion8 label set)")
+    questions = [QA_QUESTIONS[i % len(QA_QUESTIONS)] for i in range(len(sel))]
+    llm = adapter.llm
+    # Student: speech only; reference: words + explicit metadata (the QA teacher of data.qa); baseline: words only.
+    speech: list[str | None] = [None] * len(sel)
+    errors: list[str | None] = [None] * len(sel)
+    for question in QA_QUESTIONS:
+        idx = [i for i, q in enumerate(questions) if q == question]
+        if not idx:
+            continue
+        replies, errs = _speech_replies(adapter, [sel[i] for i in idx], f"{SPEECH}\n{question}", batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, desc="qa: speech", system=system)
+        for i, r, e in zip(idx, replies, errs):
+            speech[i], errors[i] = r, e
+    reference = _text_replies(
+        llm, [f'Someone said "{u.transcript}" {render_metadata(u, extra_fields=())}\n{q}' for u, q in zip(sel, questions)],
+        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, desc="qa: reference (text + metadata)", system=system,
+    )
+    views = {"speech": speech, "stated": reference}
+    if baselines:
+        views["transcript"] = _text_replies(llm, [f'Someone said "{u.transcript}"\n{q}' for u, q in zip(sel, questions)], batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, desc="qa: transcript only", system=system)
+    truth = [lset.map(u.emotion) for u in sel]
+    truth_sent = [SENTIMENT_OF_EMOTION.get(t, "neutral") for t in truth]
+    ref_sent = [extract_sentiment(r) for r in reference]
+    metrics: dict = {"n": len(sel), "questions": list(QA_QUESTIONS)}
+    per_view_rows: dict[str, list[dict]] = {}
+    for view, replies in views.items():
+        recall = [content_recall(r, u.transcript) for r, u in zip(replies, sel)]
+        named = [extract_emotion(r) for r in replies]
+        emotion_ok = [n is not None and lset.map(n) == t for n, t in zip(named, truth)]
+        sent = [extract_sentiment(r) for r in replies]
+        sent_ok = [s is not None and s == t for s, t in zip(sent, truth_sent)]
+        both = [rc > 0 and ok for rc, ok in zip(recall, sent_ok)]
+        metrics[view] = {
+            "content_recall": sum(recall) / len(sel),
+            "emotion_accuracy": sum(emotion_ok) / len(sel),
+            "sentiment_accuracy": sum(sent_ok) / len(sel),
+            "words_and_feeling": sum(both) / len(sel),
+            "reference_agreement": sum(s is not None and s == r for s, r in zip(sent, ref_sent)) / len(sel),
+            "reference_f1": sum(token_f1(r, ref) for r, ref in zip(replies, reference)) / len(sel),
+        }
+        per_view_rows[view] = [{"content_recall": rc, "emotion_named": n, "sentiment": s} for rc, n, s in zip(recall, named, sent)]
+    rows = []
+    for i, u in enumerate(sel):
+        row = {"id": u.id, "speaker": u.speaker, "label": truth[i], "transcript": u.transcript, "question": questions[i], "reference_reply": reference[i]}
+        for view, replies in views.items():
+            if view != "stated":
+                row[f"{view}_reply"] = replies[i]
+                row.update({f"{view}_{k}": v for k, v in per_view_rows[view][i].items()})
+        if errors[i]:
+            row["error"] = errors[i]
+        rows.append(row)
+    notes = [
+        "reference ('stated') = the frozen LLM's answer to the transcript plus the explicit metadata "
+        "(emotion, valence/arousal/dominance), the contextual-QA teacher of paraencoder.data.qa; its "
+        "reference_agreement and reference_f1 are 1.0 by construction",
+        "words_and_feeling = the answer mentions at least one content word of the transcript AND its "
+        "sentiment (from the emotion it names or its reaction phrases) matches the true emotion's sentiment",
+    ]
+    if judge is not None:
+        from paraencoder.eval.judge import summarize
+
+        judged = {}
+        for view in [v for v in views if v != "stated"]:
+            items = [
+                {"criteria": f"The speaker said {u.transcript!r} and sounded {u.emotion}. A good answer says what was said and how the speaker felt.",
+                 "question": q, "reference": reference[i] or "", "reply": views[view][i] or ""}
+                for i, (u, q) in enumerate(zip(sel, questions))
+            ]
+            verdicts = judge.rate(items, template="rating")
+            judged[view] = summarize(verdicts)
+            metrics[view]["judge_score"] = judged[view]["mean_score"]
+            for row, v in zip(rows, verdicts):
+                row[f"{view}_judge"] = v.to_dict()
+        metrics["judge"] = {"identity": judge.identity, **judged}
+    return {
+        "description": "Contextual questions that need the words and how they were said (Wang et al. 2025's setting), answered from the speech; reference = the LLM given transcript + explicit metadata.",
+        "headline": ["words_and_feeling", "emotion_accuracy", "sentiment_accuracy", "content_recall", "reference_agreement", "reference_f1", "judge_score"],
+        "metrics": metrics,
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+_RUNNERS = {"empathy": _empathy, "content": _content, "safety": _safety, "qa": _qa}
 
 
 def run_suite(
@@ -512,7 +650,8 @@ def run_suite(
         baselines: also run the transcript-only and text + stated-cue views.
         progress: tqdm bars.
         judge: an optional :class:`paraencoder.eval.judge.Judge` (emotion: judge validation;
-            empathy: 1-5 agreement and an order-swapped pairwise comparison; safety: classification).
+            empathy: 1-5 agreement and an order-swapped pairwise comparison; safety: classification;
+            qa: a 1-5 rating against the reference answer).
         label_set: classification suites: a name in :data:`paraencoder.eval.labels.LABEL_SETS`
             (e.g. ``"emotion4"`` for cross-corpus comparisons).
         system: system prompt for every view (``None``: the chat template's default).

@@ -1,0 +1,180 @@
+"""Contextual paralinguistic QA: neither vs explicit vs implicit vs both, at one step budget, on held-out speakers.
+
+    python bench/qa_compare.py --max-steps 150 --eval-limit 96 [--quick] [--judge URL --judge-model NAME]
+
+The four rows are the same behavioral-alignment recipe with different extra data (Wang et al. 2025):
+
+* ``neither``  - recipes/quickstart.yaml (respond / emotion / age tasks only);
+* ``explicit`` - recipes/qa_explicit.yaml: the teacher prompt also carries categorical + dimensional
+  metadata (emotion, valence/arousal/dominance);
+* ``implicit`` - recipes/qa_implicit.yaml: QA pairs written per utterance by the QA generator (the
+  local frozen LLM unless a stronger one is given), answered by the frozen teacher with the metadata;
+* ``both``     - recipes/qa_both.yaml.
+
+Each is trained in its own process (:mod:`bench.recipe_runs`, resumable), then evaluated on held-out
+RAVDESS actors with the ``qa`` suite (contextual questions that need the words and the feeling), the
+``emotion`` suite and the ``empathy`` suite, all in one process. The untrained transcript-only view
+is the "no speech" floor. Writes ``<out>/qa_compare.json`` and ``<out>/qa_compare.md`` (atomic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.recipe_runs import fit_recipe, load_results  # noqa: E402
+from paraencoder.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+ROWS = {"neither": "quickstart", "explicit": "qa_explicit", "implicit": "qa_implicit", "both": "qa_both"}
+COLUMNS = [
+    ("train_seconds", "train s"),
+    ("qa_words_and_feeling", "QA words+feeling"),
+    ("qa_emotion_accuracy", "QA emotion named"),
+    ("qa_sentiment_accuracy", "QA sentiment"),
+    ("qa_content_recall", "QA content recall"),
+    ("qa_reference_f1", "QA F1 vs reference"),
+    ("qa_judge_score", "QA judge 1-5"),
+    ("emotion_accuracy", "emotion acc (8-way)"),
+    ("empathy_agreement", "empathy agreement"),
+    ("qa_examples", "QA train pairs"),
+]
+
+
+def implicit_report(run_dir: Path) -> dict | None:
+    """The ``implicit QA: {...}`` summary the fit printed (pairs generated, dropped), if any."""
+    log = run_dir / "fit.log"
+    if not log.is_file():
+        return None
+    match = re.search(r"^implicit QA: (\{.*\})$", log.read_text(), re.MULTILINE)
+    return json.loads(match.group(1)) if match else None
+
+
+def evaluate(adapter_dir: Path | None, utts: list, judge, baseline: bool) -> dict:
+    """Suites on held-out clips; ``adapter_dir=None`` evaluates the transcript-only view of an untrained adapter."""
+    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.eval.suites import run_suite
+
+    if adapter_dir is None:
+        adapter = SpeechAdapter.build("whisper-base", "smollm2-135m-instruct", layer="mix", stack=8, hidden_dim=1024)
+    else:
+        adapter = SpeechAdapter.from_pretrained(adapter_dir)
+    kw = dict(adapter=adapter, baselines=baseline, progress=False, system="You are a helpful assistant.")
+    qa = run_suite("qa", utterances=utts, judge=judge, **kw)["metrics"]
+    emotion = run_suite("emotion", utterances=utts, **kw)["metrics"]
+    empathy = run_suite("empathy", utterances=utts, **kw)["metrics"]
+
+    def row(view: str) -> dict:
+        out = {f"qa_{k}": v for k, v in qa[view].items()}
+        if isinstance(emotion.get(view), dict):
+            out["emotion_accuracy"] = emotion[view]["accuracy"]
+        out["empathy_agreement"] = empathy[view]["agreement"] if view != "stated" else None
+        return out
+
+    # baseline=True: {view: row} for the untrained adapter's speech, the transcript and the text + metadata
+    return {v: row(v) for v in ("speech", "transcript", "stated")} if baseline else row("speech")
+
+
+def render(results: dict, settings: dict) -> str:
+    lines = [
+        "# Contextual paralinguistic QA: neither / explicit / implicit / both (held-out RAVDESS actors)",
+        "",
+        f"Step budget {settings['max_steps']} per recipe; {settings['n_eval']} held-out clips per suite; judge: {settings['judge'] or 'none'}. "
+        "CPU; compare times within this table only.",
+        "",
+        "| row | " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if v > 1.0 else f"{100 * v:.1f}%"
+        return str(v)
+
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(k)) for k, _ in COLUMNS) + " |")
+    lines += [
+        "",
+        "QA words+feeling: the answer mentions a content word of the transcript and its sentiment matches the true emotion's; "
+        "QA F1 vs reference: unigram F1 with the frozen LLM's answer given transcript + metadata; "
+        "emotion acc: 8-class, named in the reply to 'how does the speaker feel'; empathy agreement: same coarse sentiment as the teacher's reply.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
+    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--quick", action="store_true", help="demo's quick manifests (fewer training clips)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("PARAENCODER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "qa_compare")
+    parser.add_argument("--eval-limit", type=int, default=96, help="held-out clips per suite (a seeded sample balanced over actors)")
+    parser.add_argument("--judge", default=None, help="'local' or an OpenAI-compatible URL; default: no judge")
+    parser.add_argument("--judge-model", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    import random
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from paraencoder.data.manifest import load_manifest
+    from paraencoder.demo import build_manifests
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifests = build_manifests(args.data, args.out, quick=args.quick)
+    held_out = load_manifest(manifests["test_ravdess"])
+    if args.eval_limit and len(held_out) > args.eval_limit:
+        held_out = sorted(random.Random(0).sample(held_out, args.eval_limit), key=lambda u: u.id)
+    judge = None
+    if args.judge:
+        from paraencoder import backbones
+        from paraencoder.eval.judge import make_judge
+
+        judge = make_judge(args.judge, args.judge_model, llm=backbones.resolve_llm("smollm2-135m-instruct") if args.judge == "local" else None)
+    settings = {"max_steps": args.max_steps, "quick": args.quick, "n_eval": len(held_out), "judge": args.judge and f"{args.judge} {args.judge_model or ''}".strip()}
+    results = load_results(args.out / "qa_compare.json", settings)
+
+    def save() -> None:
+        atomic_write_json(args.out / "qa_compare.json", {"settings": settings, "results": results})
+
+    if "no speech: transcript only" not in results:
+        base = evaluate(None, held_out, judge, baseline=True)
+        results["untrained adapter (speech)"] = base["speech"]
+        results["no speech: transcript only"] = base["transcript"]
+        results["ceiling: text + stated metadata"] = base["stated"]
+        save()
+    for name in rows:
+        if name in results:
+            print(f"[qa_compare] {name}: evaluated earlier, kept", flush=True)
+            continue
+        run = fit_recipe(ROWS[name], args.out, manifests["train"], args.max_steps, threads=args.threads, name=name)
+        row = {"recipe": ROWS[name], "train_seconds": run["train_seconds"]}
+        report = implicit_report(args.out / name)
+        if report:
+            row["qa_examples"] = report.get("pairs")
+            row["qa_generation"] = report
+        row.update(evaluate(Path(run["adapter"]), held_out, judge, baseline=False))
+        results[name] = row
+        save()
+    table = render(results, settings)
+    atomic_write_text(args.out / "qa_compare.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
