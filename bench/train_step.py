@@ -511,13 +511,18 @@ def topk_error(module, batches: list[dict], cache: TopKCache, cfg: BenchConfig) 
     with torch.no_grad():
         for batch in batches[:2]:
             examples = batch["examples"]
+            replies = [ex.reply for ex in examples]
+            if not cfg.random_shapes:
+                # A real LLM: measure where training measures, on the teacher's own greedy replies
+                # (the timing rows use random reply tokens; only their shapes matter there).
+                replies = module.llm.generate_text([ex.teacher_prompt for ex in examples], system=cfg.system_prompt, max_new_tokens=cfg.reply_tokens[1])
             b = {**batch, "waves": batch["waves"].to(module.device), "lengths": batch["lengths"].to(module.device)}
-            enc, embeds = module.student_batch(b, [ex.reply for ex in examples])
+            enc, embeds = module.student_batch(b, replies)
             h, _ = module.response_hidden(module.llm.hidden_states(embeds, enc.attention_mask), enc.labels)
-            t = module.teacher_hidden(examples, [ex.reply for ex in examples])
+            t = module.teacher_hidden(examples, replies)
             bias = getattr(head, "bias", None)
             results.append(topk_approximation_error(h.float(), head.weight.float(), t.float(), cfg.topk, temperature=cfg.temperature, bias=bias, chunk_size=cfg.chunk_size))
-    return {"k": cfg.topk, "batches": results}
+    return {"k": cfg.topk, "replies": "random tokens (random weights)" if cfg.random_shapes else "teacher's greedy replies", "batches": results}
 
 
 def main(argv: list[str] | None = None) -> int:

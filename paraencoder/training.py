@@ -319,8 +319,10 @@ class AlignmentData(L.LightningDataModule):
         qa_mode: contextual paralinguistic QA (Wang et al. 2025): ``"none"``, ``"explicit"``
             (categorical + dimensional metadata rendered into the teacher prompt), ``"implicit"``
             (generated QA pairs that need words and voice) or ``"both"``.
-        qa_generator: who writes implicit QA pairs: ``"local"`` (the frozen LLM) or an
-            OpenAI-compatible URL (``qa_generator_model`` names the model).
+        qa_generator: who writes implicit QA pairs: ``"templates"`` (deterministic contextual
+            questions, :class:`paraencoder.data.qa.TemplateQAWriter`; the default), ``"local"`` (the
+            frozen LLM: needs an instruction-following model, SmolLM2-135M writes no valid pair) or
+            an OpenAI-compatible URL (``qa_generator_model`` names the model).
         qa_pairs: QA pairs per utterance (implicit mode).
     """
 
@@ -340,7 +342,7 @@ class AlignmentData(L.LightningDataModule):
         seed: int = 0,
         bucket: bool = True,
         qa_mode: str = "none",
-        qa_generator: str = "local",
+        qa_generator: str = "templates",
         qa_generator_model: str | None = None,
         qa_pairs: int = 2,
     ):
@@ -378,14 +380,19 @@ class AlignmentData(L.LightningDataModule):
             extra += explicit_examples([u for u in utts if u.emotion or u.age_group], tasks)
         if mode in ("implicit", "both"):
             from paraencoder import backbones
-            from paraencoder.data.qa import generate_qa, qa_examples
-            from paraencoder.eval.judge import make_judge
+            from paraencoder.data.qa import generate_qa, make_qa_generator, qa_examples
 
-            llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype)
-            generator = make_judge(self.hparams.qa_generator, self.hparams.qa_generator_model, llm=llm if self.hparams.qa_generator == "local" else None)
+            llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype) if self.hparams.qa_generator == "local" else None
+            generator = make_qa_generator(self.hparams.qa_generator, self.hparams.qa_generator_model, llm=llm)
             cache_dir = Path(self.hparams.teacher_cache or default_cache_dir() / "teacher").parent / "qa"
             with_emotion = [u for u in utts if u.transcript and u.emotion]
             qa, report = generate_qa(with_emotion, generator, TeacherCache(cache_dir), n=self.hparams.qa_pairs)
+            if report.requested and not report.pairs:
+                raise ConfigError(
+                    f"qa_generator={self.hparams.qa_generator!r} wrote no valid QA pair for {report.requested} utterances "
+                    f"({report.failed} failed, {report.invalid} invalid; first: {report.dropped[:1]}); use "
+                    "data.qa_generator=templates or a stronger model (an OpenAI-compatible URL + qa_generator_model)"
+                )
             summary = {k: v for k, v in vars(report).items() if k != "dropped"}
             print(f"implicit QA: {json.dumps({**summary, 'dropped': len(report.dropped)})}")
             for reason in report.dropped[:3]:

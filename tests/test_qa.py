@@ -100,3 +100,33 @@ def test_generate_qa_cache_resume_and_examples(tmp_path):
     assert qa_examples(utts, qa2, reply="teacher")[0].reply is None
     with pytest.raises(ValueError):
         qa_examples(utts, qa2, reply="x")
+
+
+def test_template_writer_questions_need_the_voice(tmp_path):
+    from paraencoder.data.qa import TemplateQAWriter, make_qa_generator
+
+    writer = make_qa_generator("templates")
+    assert isinstance(writer, TemplateQAWriter)
+    assert TemplateQAWriter.topic("Kids are talking by the door.") == "the door"
+    assert TemplateQAWriter.topic("Oh!") == "what they said"
+    utts = [utt(0), utt(1, emotion="angry"), Utterance(id="u9", audio="/x/u9.wav", transcript="Dogs are sitting by the door.", emotion="happy", speaker="s")]
+    qa, report = generate_qa(utts, writer, TeacherCache(tmp_path / "qa"), n=2, progress=False)
+    assert report.generated == 3 and report.invalid == 0 and report.pairs == 6
+    for u in utts:
+        pairs = qa[u.id]
+        # every pair passes the schema check with the label, so no question states the emotion
+        kept, dropped = validate_pairs(pairs, emotion=u.emotion)
+        assert kept == pairs and not dropped
+        assert all("the door" in p["question"] for p in pairs) and all(u.emotion in p["answer"] for p in pairs)
+        assert len({p["question"] for p in pairs}) == 2
+    # deterministic: a second writer (another process) gives the same pairs, so the cache is consistent
+    again = TemplateQAWriter().judge("qa_generate", [{"transcript": "The door is open.", "metadata": render_metadata(utt(0), extra_fields=()), "n": 2}])
+    assert again[0].value == qa["u0"]
+
+
+def test_unknown_qa_generator_is_named():
+    from paraencoder.data.qa import make_qa_generator
+    from paraencoder.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="qa_generator='none'"):
+        make_qa_generator("none")

@@ -41,6 +41,8 @@ __all__ = [
     "generate_qa",
     "QAReport",
     "qa_examples",
+    "TemplateQAWriter",
+    "make_qa_generator",
 ]
 
 QA_VERSION = 1
@@ -174,6 +176,80 @@ class QAReport:
     invalid: int = 0
     pairs: int = 0
     dropped: list[str] = field(default_factory=list)
+
+
+class TemplateQAWriter:
+    """A deterministic QA writer that needs no model: contextual questions from templates.
+
+    Small local LLMs do not follow the JSON QA-writing instruction (SmolLM2-135M returned 0 valid
+    pairs of 16 on RAVDESS), so implicit mode would silently add nothing. This writer asks about the
+    utterance's topic (its last content word: "How does the speaker seem to feel about the door?")
+    without naming the emotion, so the student must hear it; the answer states the feeling from
+    the metadata. With ``qa_examples(reply="teacher")`` (what training uses) only the questions
+    matter: the frozen LLM answers them from transcript + metadata. Use an LLM writer
+    (an OpenAI-compatible URL) for varied, content-specific questions.
+    """
+
+    name = "templates"
+    QUESTIONS = (
+        "How does the speaker seem to feel about {topic}?",
+        "Why might the speaker sound the way they do when talking about {topic}?",
+        "What does the speaker's tone suggest about their attitude towards {topic}?",
+        "How should a friend respond to the speaker after hearing what they said about {topic}?",
+    )
+    ANSWER = "They sound {emotion} when talking about {topic}, so they seem {emotion} about it."
+    _TEMPLATE = {"parse": "json", "system": None, "user": "templates v1: " + " | ".join(QUESTIONS) + " || " + ANSWER}
+
+    @property
+    def identity(self) -> dict:
+        return {"backend": self.name, "version": 1}
+
+    def template(self, name: str) -> dict:
+        return self._TEMPLATE
+
+    @staticmethod
+    def topic(transcript: str) -> str:
+        """The last determiner + word ("the door"), else the last content word, else "what they said"."""
+        text = transcript.lower()
+        phrases = re.findall(r"\b(the|a|an|my|your|his|her|our|their|this|that)\s+([a-z']{3,})", text)
+        if phrases:
+            det, word = phrases[-1]
+            return f"{'the' if det in ('a', 'an') else det} {word}"
+        stop = {"the", "and", "are", "was", "were", "this", "that", "with", "for", "you", "not", "have", "has", "had", "but", "they", "them", "there", "their", "what", "when", "will", "would", "can", "could"}
+        content = [w for w in re.findall(r"[a-z']{3,}", text) if w not in stop]
+        return f"the {content[-1]}" if content else "what they said"
+
+    def judge(self, template: str, items: Sequence[dict]) -> list:
+        from paraencoder.eval.judge import Verdict
+
+        out = []
+        for item in items:
+            match = re.search(r"emotion=([^,\]]+)", item.get("metadata") or "")
+            emotion = match.group(1).strip() if match else "the way they sound"
+            topic = self.topic(item.get("transcript") or "")
+            # Which questions: a stable choice per input, so reruns and other processes agree.
+            start = int(hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest(), 16) % len(self.QUESTIONS)
+            n = max(1, min(int(item.get("n") or 1), len(self.QUESTIONS)))
+            pairs = [
+                {"question": self.QUESTIONS[(start + k) % len(self.QUESTIONS)].format(topic=topic), "answer": self.ANSWER.format(emotion=emotion, topic=topic)}
+                for k in range(n)
+            ]
+            out.append(Verdict(pairs, json.dumps(pairs), "ok"))
+        return out
+
+
+def make_qa_generator(spec: str, model: str | None = None, *, llm=None):
+    """``"templates"`` → :class:`TemplateQAWriter`; ``"local"`` or an OpenAI-compatible URL → a judge backend."""
+    if spec == "templates":
+        return TemplateQAWriter()
+    from paraencoder.eval.judge import make_judge
+
+    generator = make_judge(spec, model, llm=llm)
+    if generator is None:
+        from paraencoder.errors import ConfigError
+
+        raise ConfigError(f"qa_generator={spec!r}: choose 'templates', 'local' or an OpenAI-compatible http(s):// URL")
+    return generator
 
 
 def generate_qa(
