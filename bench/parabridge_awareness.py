@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.adapter.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 10 == 0:
                 print(f"step {step}: jsd {losses[-1]:.4f}", flush=True)
         module.eval()
