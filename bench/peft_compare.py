@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.recipe_runs import fit_recipe, load_results  # noqa: E402
-from paraencoder.io import atomic_write_json, atomic_write_text  # noqa: E402
+from bench.recipe_runs import fit_recipe, load_results, publish  # noqa: E402
+from paraencoder.io import atomic_write_json  # noqa: E402
 
 DEFAULT_RECIPES = (
     "peft_projector_only",
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update(evaluate(adapter_dir, manifests, safety, args.eval_limit))
         results[recipe] = row
         atomic_write_json(args.out / "peft_compare.json", {"settings": settings, **settings, "results": results})
-    table = render(results, args)
-    atomic_write_text(args.out / "peft_compare.md", table)
-    print(table)
+    publish(args.out / "peft_compare.md", render(results, args))
     return 0
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.recipe_runs import fit_recipe, load_results  # noqa: E402
-from paraencoder.io import atomic_write_json, atomic_write_text  # noqa: E402
+from bench.recipe_runs import fit_recipe, load_results, publish  # noqa: E402
+from paraencoder.io import atomic_write_json  # noqa: E402
 
 ROWS = {"neither": "quickstart", "explicit": "qa_explicit", "implicit": "qa_implicit", "both": "qa_both"}
 COLUMNS = [
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update(evaluate(Path(run["adapter"]), held_out, judge, baseline=False))
         results[name] = row
         save()
-    table = render(results, settings)
-    atomic_write_text(args.out / "qa_compare.md", table)
-    print(table)
+    publish(args.out / "qa_compare.md", render(results, settings))
     return 0
 
 

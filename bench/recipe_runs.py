@@ -79,3 +79,9 @@ def load_results(path: Path, settings: dict) -> dict:
         return {}
     saved = json.loads(path.read_text())
     return dict(saved.get("results", {})) if saved.get("settings") == settings else {}
+
+
+def publish(path: Path, table: str) -> None:
+    """Write the markdown table (atomic) and print it."""
+    atomic_write_text(path, table)
+    print(table)
