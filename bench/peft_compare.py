@@ -85,7 +85,8 @@ def render(results: dict, args) -> str:
     lines = [
         "# PE-FT recipe comparison (held-out speakers)",
         "",
-        f"Step budget {args.max_steps} per recipe{' (quick manifests)' if args.quick else ''}; eval limit {args.eval_limit or 'none'} clips per suite; "
+        f"Step budget {args.max_steps} per recipe{' (quick manifests)' if args.quick else ''}"
+        f"{f', each starting from {args.init_adapter}' if args.init_adapter else ', from scratch'}; eval limit {args.eval_limit or 'none'} clips per suite; "
         "CPU, shared machine: compare times within this table only.",
         "",
         "| recipe | " + " | ".join(cols) + " |",
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-safety", action="store_true", help="skip the synthetic child-safety set (needs espeak-ng)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate adapters already in --out")
+    parser.add_argument("--init-adapter", default=None, help="start every recipe from this adapter (e.g. the released one): PE-FT's setting, tuning an existing model")
     args = parser.parse_args(argv)
     import torch
 
@@ -125,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         from paraencoder.eval.suites import build_safety_set
 
         safety = build_safety_set(args.out / "safety")
-    settings = {"max_steps": args.max_steps, "quick": args.quick, "eval_limit": args.eval_limit, "safety": bool(safety)}
+    settings = {"max_steps": args.max_steps, "quick": args.quick, "eval_limit": args.eval_limit, "safety": bool(safety), "init_adapter": args.init_adapter}
+    overrides = ["--model.init_args.init_adapter", str(Path(args.init_adapter).resolve())] if args.init_adapter else []
     results = load_results(args.out / "peft_compare.json", settings)  # resume: evaluated rows are kept
     if safety and "before: transcript only" not in results:
         results["before: transcript only"] = transcript_safety_baseline(safety)
+    if args.init_adapter and "start: init adapter" not in results:
+        results["start: init adapter"] = {"adapter": args.init_adapter, **evaluate(Path(args.init_adapter), manifests, safety, args.eval_limit)}
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         if recipe in results:
             print(f"[peft_compare] {recipe}: evaluated earlier, kept", flush=True)
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter_dir = args.out / recipe / "adapter"
         row = {"adapter": str(adapter_dir)}
         if not args.skip_train:
-            row.update(fit_recipe(recipe, args.out, manifests["train"], args.max_steps, threads=args.threads))
+            row.update(fit_recipe(recipe, args.out, manifests["train"], args.max_steps, threads=args.threads, overrides=overrides))
         row.update(evaluate(adapter_dir, manifests, safety, args.eval_limit))
         results[recipe] = row
         atomic_write_json(args.out / "peft_compare.json", {"settings": settings, **settings, "results": results})

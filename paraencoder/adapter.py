@@ -373,6 +373,28 @@ def read_adapter_config(directory: Path) -> dict:
     return config
 
 
+def load_adapter_weights(adapter: "SpeechAdapter", directory: str | os.PathLike, llm: FrozenLLM) -> None:
+    """Initialise ``adapter`` in place from a saved adapter directory (same LLM and projector shape).
+
+    Used to start a run from a released adapter (``init_adapter`` in the training modules): only the
+    tensors the file holds are loaded; parts the saved adapter did not train (e.g. encoder layers it
+    kept frozen) stay as built. Refuses another LLM or another projector shape, naming both values.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    check_llm_identity(config["llm"], llm.identity)
+    mine = adapter.config["projector"]
+    for key in ("layer", "stack", "hidden_dim", "activation", "in_dim", "out_dim"):
+        if config["projector"].get(key) != mine.get(key):
+            raise AdapterMismatchError(
+                f"init_adapter {directory} has projector {key}={config['projector'].get(key)!r} but this run builds "
+                f"{key}={mine.get(key)!r}; set the model's layer/stack/projector_dim/activation to match the adapter"
+            )
+    expected = {name: tuple(t.shape) for name, t in adapter.state_dict().items()}
+    state = read_safetensors_checked(directory / WEIGHTS_NAME, expected)
+    adapter.load_state_dict(state, strict=False)
+
+
 def check_projector_config(path: Path, config: dict, encoder: SpeechEncoder, weights: Path) -> None:
     """Refuse a projector config that does not fit ``encoder`` or is larger than the weights file can hold.
 

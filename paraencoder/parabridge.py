@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from paraencoder.adapter import load_adapter_weights  # noqa: F401 - re-exported (was defined here)
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError
 from paraencoder.io import atomic_write_bytes, atomic_write_json
@@ -134,7 +135,7 @@ class ParaBridgeModule(AlignmentModule):
             raise ConfigError("rollout_reuse_steps and rollout_max_new_tokens must be >= 1")
         if lora_rank < 0:
             raise ConfigError(f"lora_rank={lora_rank}: must be >= 0")
-        super().__init__(ce_weight=ce_weight, **kwargs)
+        super().__init__(ce_weight=ce_weight, init_adapter=init_adapter, **kwargs)
         from paraencoder.objectives import GeneralizedJSD
 
         self.jsd = GeneralizedJSD(beta=beta, temperature=jsd_temperature, chunk_size=self.hparams.chunk_size)
@@ -146,8 +147,6 @@ class ParaBridgeModule(AlignmentModule):
         self.lora_params = nn.ParameterDict()
         if lora_rank > 0:
             self._add_lora()
-        if init_adapter:
-            load_adapter_weights(self.adapter, init_adapter, self.llm)
 
     # -- LoRA on a private copy of the LLM ---------------------------------------------------------
     def _add_lora(self) -> None:
@@ -412,25 +411,6 @@ class ParaBridgeData(AlignmentData):
 
 
 # -- loading -------------------------------------------------------------------------------------------
-def load_adapter_weights(adapter, directory: str | os.PathLike, llm: FrozenLLM) -> None:
-    """Initialise ``adapter`` in place from a saved adapter directory (same LLM and projector shape)."""
-    from paraencoder.adapter import WEIGHTS_NAME, check_llm_identity, read_adapter_config, read_safetensors_checked
-
-    directory = Path(directory)
-    config = read_adapter_config(directory)
-    check_llm_identity(config["llm"], llm.identity)
-    mine = adapter.config["projector"]
-    for key in ("layer", "stack", "hidden_dim", "activation", "in_dim", "out_dim"):
-        if config["projector"].get(key) != mine.get(key):
-            raise AdapterMismatchError(
-                f"init_adapter {directory} has projector {key}={config['projector'].get(key)!r} but this run builds "
-                f"{key}={mine.get(key)!r}; set the model's layer/stack/projector_dim/activation to match the adapter"
-            )
-    expected = {name: tuple(t.shape) for name, t in adapter.state_dict().items()}
-    state = read_safetensors_checked(directory / WEIGHTS_NAME, expected)
-    adapter.load_state_dict(state, strict=False)
-
-
 def load_lora(directory: str | os.PathLike, llm: FrozenLLM) -> FrozenLLM:
     """A private copy of ``llm`` with the LoRA saved in ``directory`` (the given LLM is not modified)."""
     from paraencoder.adapter import check_llm_identity

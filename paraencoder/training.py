@@ -72,6 +72,9 @@ class AlignmentModule(L.LightningModule):
             its first use (the frozen encoder then runs once per clip, not once per epoch).
         teacher_topk: with ``kl_weight > 0``, keep the teacher's top-k logits per example after
             their first computation instead of a teacher forward every step (0 = exact teacher).
+        init_adapter: a saved adapter directory whose weights start this run (same LLM and
+            projector shape), e.g. to continue from a released adapter with encoder layers unfrozen
+            or other data. A resumed checkpoint still wins: its weights are loaded afterwards.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class AlignmentModule(L.LightningModule):
         system_prompt: str | None = None,
         cache_encoder: bool = True,
         teacher_topk: int = 0,
+        init_adapter: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -115,6 +119,10 @@ class AlignmentModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             system_prompt=system_prompt,
         )
+        if init_adapter:
+            from paraencoder.adapter import load_adapter_weights
+
+            load_adapter_weights(self.adapter, init_adapter, self.llm)
         self.objective = ObjectiveMix(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, chunk_size=chunk_size)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._encoder_cache: dict[tuple, torch.Tensor] = {}

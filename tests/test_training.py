@@ -173,3 +173,21 @@ def test_cached_teacher_topk_equals_exact_kl_when_k_is_vocab(tmp_path, tiny_llm_
     assert exact.item() > 0
     assert abs(cached.item() - exact.item()) < 2e-3 * max(1.0, exact.item())  # float16 cache
     assert again.item() == cached.item() and len(module_topk._topk_cache) == 4
+
+
+def test_init_adapter_continues_a_saved_adapter_with_encoder_layers_unfrozen(tmp_path, tiny_llm_dir, tiny_whisper_dir):
+    """A projector-only adapter starts a run that also trains encoder layer 1: projector loaded, encoder as pretrained."""
+    src = make_module(tiny_llm_dir, tiny_whisper_dir)
+    with torch.no_grad():
+        for p in src.adapter.projector.parameters():
+            p.add_(0.25)
+    src.adapter.save_pretrained(tmp_path / "released")
+    fresh = make_module(tiny_llm_dir, tiny_whisper_dir, train_layers="1")
+    cont = make_module(tiny_llm_dir, tiny_whisper_dir, train_layers="1", init_adapter=str(tmp_path / "released"))
+    for (name, a), b in zip(src.adapter.projector.state_dict().items(), cont.adapter.projector.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the saved adapter never trained the encoder, so its layers are the pretrained ones, now trainable
+    for (name, a), b in zip(fresh.adapter.encoder.state_dict().items(), cont.adapter.encoder.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(p.requires_grad for n, p in cont.adapter.encoder.named_parameters() if ".1." in n or "layers.1" in n)
+    assert cont.hparams.init_adapter == str(tmp_path / "released")
