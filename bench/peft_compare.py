@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(fit_recipe(recipe, args.out, manifests["train"], args.max_steps, threads=args.threads, overrides=overrides))
         row.update(evaluate(adapter_dir, manifests, safety, args.eval_limit))
         results[recipe] = row
-        atomic_write_json(args.out / "peft_compare.json", {"settings": settings, **settings, "results": results})
+        atomic_write_json(args.out / "peft_compare.json", {"settings": settings, "results": results})
     publish(args.out / "peft_compare.md", render(results, args))
     return 0
 

@@ -57,7 +57,8 @@ def implicit_report(run_dir: Path) -> dict | None:
 
 
 def evaluate(adapter_dir: Path | None, utts: list, judge, baseline: bool) -> dict:
-    """Suites on held-out clips; ``adapter_dir=None`` evaluates the transcript-only view of an untrained adapter."""
+    """Suites on held-out clips: the adapter's speech view as one row, or with ``baseline`` (and
+    ``adapter_dir=None``: an untrained adapter) ``{view: row}`` for its speech, transcript and stated views."""
     from paraencoder.adapter import SpeechAdapter
     from paraencoder.eval.suites import run_suite
 

@@ -30,7 +30,6 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from paraencoder.adapter import load_adapter_weights  # noqa: F401 - re-exported (was defined here)
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError
 from paraencoder.io import atomic_write_bytes, atomic_write_json

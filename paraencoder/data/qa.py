@@ -183,7 +183,7 @@ class TemplateQAWriter:
 
     Small local LLMs do not follow the JSON QA-writing instruction (SmolLM2-135M returned 0 valid
     pairs of 16 on RAVDESS), so implicit mode would silently add nothing. This writer asks about the
-    utterance's topic (its last content word: "How does the speaker seem to feel about the door?")
+    utterance's topic (:meth:`topic`: "How does the speaker seem to feel about the door?")
     without naming the emotion, so the student must hear it; the answer states the feeling from
     the metadata. With ``qa_examples(reply="teacher")`` (what training uses) only the questions
     matter: the frozen LLM answers them from transcript + metadata. Use an LLM writer
@@ -191,6 +191,7 @@ class TemplateQAWriter:
     """
 
     name = "templates"
+    VERSION = 1  # in the cache key: bump when the questions, the answer or :meth:`topic` change
     QUESTIONS = (
         "How does the speaker seem to feel about {topic}?",
         "Why might the speaker sound the way they do when talking about {topic}?",
@@ -198,11 +199,11 @@ class TemplateQAWriter:
         "How should a friend respond to the speaker after hearing what they said about {topic}?",
     )
     ANSWER = "They sound {emotion} when talking about {topic}, so they seem {emotion} about it."
-    _TEMPLATE = {"parse": "json", "system": None, "user": "templates v1: " + " | ".join(QUESTIONS) + " || " + ANSWER}
+    _TEMPLATE = {"parse": "json", "system": None, "user": f"templates v{VERSION}: " + " | ".join(QUESTIONS) + " || " + ANSWER}
 
     @property
     def identity(self) -> dict:
-        return {"backend": self.name, "version": 1}
+        return {"backend": self.name, "version": self.VERSION}
 
     def template(self, name: str) -> dict:
         return self._TEMPLATE
