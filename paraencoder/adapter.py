@@ -10,7 +10,9 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -21,10 +23,10 @@ from torch import nn
 import paraencoder
 from paraencoder.audio import load_audio, pad_waves
 from paraencoder.encoders import SpeechEncoder
-from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError
+from paraencoder.errors import AdapterMismatchError, ConfigError, PromptError, UnsafeFileError, shorten
 from paraencoder.io import atomic_write_bytes, atomic_write_json
-from paraencoder.llm import SPEECH, FrozenLLM
-from paraencoder.projector import LayerSelect, Projector
+from paraencoder.llm import SPEECH, FrozenLLM, check_system_prompt
+from paraencoder.projector import LayerSelect, Projector, UtteranceSummary
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -48,6 +50,8 @@ class SpeechAdapter(nn.Module):
         train_layers: encoder layers that train: ``"all"``, ``"none"``, ``"2-5"``, ``[0, 1]``.
         encoder_spec: how to load the encoder again (a short name, a directory or a CTranslate2 file).
         llm_identity: the LLM these soft tokens are for (checked on load).
+        summary_tokens: clip-level soft tokens (attention-pooled over all frames) prepended to the
+            frame tokens; 0 = frame tokens only (adapters before 0.3).
     """
 
     def __init__(
@@ -66,16 +70,20 @@ class SpeechAdapter(nn.Module):
         llm_identity: dict | None = None,
         output_scale: float | None = None,
         system_prompt: str | None = None,
+        summary_tokens: int = 0,
     ):
         super().__init__()
-        self.system_prompt = system_prompt
+        self.system_prompt = check_system_prompt(system_prompt)
         self.encoder = encoder
         encoder.set_trainable_layers(train_layers, frontend=train_frontend)
         self.layer_select = LayerSelect(encoder.num_layers + 1, layer, mix_layers)
         self.projector = Projector(encoder.hidden_size, llm_hidden_size, stack, hidden_dim, activation)
+        self.summary = UtteranceSummary(encoder.hidden_size, llm_hidden_size, summary_tokens) if summary_tokens else None
         if output_scale is not None:
             # Start soft tokens at the scale of the LLM's own token embeddings.
             nn.init.constant_(self.projector.out_norm.weight, output_scale)
+            if self.summary is not None:
+                nn.init.constant_(self.summary.out_norm.weight, output_scale)
         self.encoder_spec = encoder_spec
         self.llm_identity = dict(llm_identity or {})
         self._llm: FrozenLLM | None = None
@@ -91,6 +99,7 @@ class SpeechAdapter(nn.Module):
                 "activation": activation,
                 "in_dim": encoder.hidden_size,
                 "out_dim": llm_hidden_size,
+                "summary_tokens": int(summary_tokens),
             },
             "llm": self.llm_identity,
             "prompts": {"system": system_prompt},
@@ -127,8 +136,10 @@ class SpeechAdapter(nn.Module):
         """Use ``llm`` for :meth:`generate` after checking it is the LLM this adapter was trained for."""
         check_llm_identity(self.llm_identity, llm.identity)
         if self.system_prompt is not None:
-            # Prompts at inference must be the ones the adapter was trained with.
-            llm.system_prompt = self.system_prompt
+            # Prompts at inference must be the ones the adapter was trained with. They go on this
+            # adapter's own view of the LLM: the LLM object is memoised and shared, and writing the
+            # prompt onto it would leak it into every adapter loaded after this one.
+            llm = llm.with_system_prompt(self.system_prompt)
         self._llm = llm  # a plain attribute: FrozenLLM is not an nn.Module, so it is never saved or trained
         return self
 
@@ -142,15 +153,28 @@ class SpeechAdapter(nn.Module):
     def token_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
         """How many soft tokens each clip becomes (known before running the encoder)."""
         frames = self.encoder.output_lengths(sample_lengths)
-        return self.projector.output_lengths(frames)
+        return self.projector.output_lengths(frames) + self.num_summary_tokens
+
+    @property
+    def num_summary_tokens(self) -> int:
+        return self.summary.num_tokens if self.summary is not None else 0
 
     def encode(self, waves: torch.Tensor, lengths: torch.Tensor):
         """Run the encoder only as deep as the projector reads: ``EncoderOutput``."""
         return self.encoder(waves, lengths, max_layer=self.layer_select.deepest_layer)
 
     def project(self, hidden_states: tuple[torch.Tensor, ...], frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder hidden states → ``(soft_tokens [B, N, H_llm], token_lengths [B])``."""
-        return self.projector(self.layer_select(hidden_states), frame_lengths)
+        """Encoder hidden states → ``(soft_tokens [B, N, H_llm], token_lengths [B])``.
+
+        With summary tokens, each clip's ``N`` tokens are its summary tokens followed by its frame
+        tokens (padding stays at the end of the row).
+        """
+        frames = self.layer_select(hidden_states)
+        tokens, lengths = self.projector(frames, frame_lengths)
+        if self.summary is None:
+            return tokens, lengths
+        summary = self.summary(frames, frame_lengths)
+        return torch.cat([summary, tokens], dim=1), lengths + summary.shape[1]
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``waves [B, T]`` at 16 kHz + ``lengths [B]`` → ``(soft_tokens [B, N, H_llm], token_lengths [B])``."""
@@ -196,10 +220,64 @@ class SpeechAdapter(nn.Module):
         waves, lengths = waves.to(device), lengths.to(device)
         soft, soft_lengths = self(waves, lengths)
         prompts = [prompt] * waves.shape[0]
+        system = self.system_prompt if system is None else system
         batch = llm.encode(prompts, num_speech_tokens=soft_lengths.tolist(), system=system, padding_side="left").to(device)
         embeds = llm.embed(batch, soft, soft_lengths)
         texts = llm.generate_embeds(
             embeds, batch.attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
+        self.train(was_training)
+        return texts[0] if single else texts
+
+    @torch.no_grad()
+    def speech_tokens(self, clips: Sequence[AudioInput], *, sample_rate: int | None = None, **window_kw) -> list[torch.Tensor]:
+        """Soft tokens ``[n_i, H_llm]`` per clip; clips over the encoder's window (30 s) are encoded in
+        overlapping windows (see :func:`paraencoder.dialogue.speech_tokens` for ``window_seconds``,
+        ``overlap_seconds``, ``max_seconds``)."""
+        from paraencoder.dialogue import LONG_AUDIO_MAX_SECONDS, speech_tokens
+
+        max_seconds = window_kw.get("max_seconds", LONG_AUDIO_MAX_SECONDS)
+        was_training = self.training
+        self.eval()
+        waves = [load_audio(c, sample_rate, max_seconds=max_seconds) for c in clips]
+        out = speech_tokens(self, waves, **window_kw)
+        self.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def chat(
+        self,
+        messages: Sequence[dict] | Sequence[Sequence[dict]],
+        *,
+        sample_rate: int | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        **window_kw,
+    ) -> str | list[str]:
+        """Reply of the frozen LLM to a dialogue with speech anywhere: several clips, clips in earlier turns.
+
+        ``messages`` is one OpenAI-style conversation (a list of ``{"role", "content"}``) or a list
+        of them (batched). ``content`` is a string or a list of parts: ``{"type": "text", "text": ...}``,
+        ``{"type": "audio", "audio": <path | array>}`` (arrays need ``sample_rate``) or OpenAI's
+        ``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}``. A single user
+        turn ``[audio, text]`` gives exactly :meth:`generate`'s reply to ``"<speech>\\n" + text``.
+        Clips over 30 s are encoded in windows (``window_seconds``, ``overlap_seconds``, ``max_seconds``).
+        """
+        from paraencoder.dialogue import LONG_AUDIO_MAX_SECONDS, dialogue_inputs, is_single_conversation, parse_messages
+
+        single = is_single_conversation(messages)
+        conversations = [messages] if single else list(messages)
+        max_seconds = window_kw.get("max_seconds", LONG_AUDIO_MAX_SECONDS)
+        dialogues = [parse_messages(m, sample_rate=sample_rate, max_seconds=max_seconds) for m in conversations]
+        llm = self.llm
+        was_training = self.training
+        self.eval()
+        embeds, attention_mask, _ = dialogue_inputs(self, dialogues, **window_kw)
+        texts = llm.generate_embeds(
+            embeds, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, generator_seed=seed
         )
         self.train(was_training)
         return texts[0] if single else texts
@@ -210,8 +288,8 @@ class SpeechAdapter(nn.Module):
         state = {}
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         for name, tensor in self.state_dict().items():
-            if name.startswith(("projector.", "layer_select.")) or name in trainable:
-                state[name] = tensor.detach().cpu().contiguous()
+            if name.startswith(("projector.", "layer_select.", "summary.")) or name in trainable:
+                state[name] = tensor.detach() if tensor.is_meta else tensor.detach().cpu().contiguous()
         return state
 
     def save_pretrained(self, directory: str | os.PathLike, *, extra_config: dict | None = None, dtype: torch.dtype | None = None) -> Path:
@@ -286,7 +364,8 @@ class SpeechAdapter(nn.Module):
                 f"{frozen.identity.get('name')!r} has hidden size {frozen.hidden_size}"
             )
         check_projector_config(directory / CONFIG_NAME, config, enc, directory / WEIGHTS_NAME)
-        adapter = cls(
+        build = partial(
+            cls,
             enc,
             frozen.hidden_size,
             layer=proj_cfg["layer"],
@@ -299,12 +378,15 @@ class SpeechAdapter(nn.Module):
             encoder_spec=enc_spec,
             llm_identity=config["llm"],
             system_prompt=(config.get("prompts") or {}).get("system"),
+            summary_tokens=int(proj_cfg.get("summary_tokens") or 0),
         )
-        expected = {name: tuple(t.shape) for name, t in adapter.trainable_state_dict().items()}
-        state = read_safetensors_checked(directory / WEIGHTS_NAME, expected, sha256=config.get("weights_sha256"))
-        missing = set(expected) - set(state)
-        if missing:
-            raise UnsafeFileError(f"{directory / WEIGHTS_NAME} lacks tensors {sorted(missing)[:5]}...")
+        # Shapes first, on the meta device (nothing allocated): the header must match them before
+        # the real modules are built, so a config describing a huge adapter never allocates.
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in build().trainable_state_dict().items()}
+        check_safetensors_header(directory / WEIGHTS_NAME, expected, complete=True)
+        adapter = build()
+        state = read_safetensors_checked(directory / WEIGHTS_NAME, expected, sha256=config.get("weights_sha256"), complete=True)
         adapter.load_state_dict(state, strict=False)
         adapter.to(frozen.device)
         adapter.attach_llm(frozen)
@@ -328,48 +410,172 @@ def check_llm_identity(expected: dict, actual: dict) -> None:
         want, got = expected.get(key), actual.get(key)
         if want is not None and got is not None and want != got:
             raise AdapterMismatchError(
-                f"this adapter was trained for LLM {expected.get('name')!r} ({key}={want}) but was given "
-                f"{actual.get('name')!r} ({key}={got}); load it with the LLM it was trained for"
+                f"this adapter was trained for LLM {shorten(expected.get('name'))} ({key}={shorten(want)}) but was given "
+                f"{shorten(actual.get('name'))} ({key}={shorten(got)}); load it with the LLM it was trained for"
             )
 
 
-def read_adapter_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    if path.stat().st_size > 10 * 1024**2:
-        raise UnsafeFileError(f"{path} is {path.stat().st_size} bytes; an adapter config is a few KB")
+MAX_CONFIG_BYTES = 10 * 1024**2
+MAX_CONFIG_DEPTH = 64
+MAX_SYSTEM_PROMPT_CHARS = 100_000
+MAX_LAYERS = 4096
+SPARSE_CHECK_BYTES = 64 * 1024**2
+"""Weights files above this size must occupy at least a quarter of their apparent size on disk."""
+
+# Numeric fields of an adapter config: (section, key) -> (lowest, highest, may be null).
+_CONFIG_INTS = {
+    ("projector", "stack"): (1, 65536, False),
+    ("projector", "hidden_dim"): (1, 65536, False),
+    ("projector", "in_dim"): (1, 65536, False),
+    ("projector", "out_dim"): (1, 65536, False),
+    ("encoder", "hidden_size"): (1, 65536, False),
+    ("encoder", "num_layers"): (1, MAX_LAYERS, False),
+    ("llm", "hidden_size"): (1, 65536, True),
+    ("llm", "vocab_size"): (1, 2**24, True),
+}
+_CONFIG_STRINGS = {("encoder", "spec"): 4096, ("encoder", "family"): 256, ("encoder", "weights_sha256"): 64,
+                   ("llm", "name"): 4096, ("llm", "source"): 4096, ("llm", "weights_sha256"): 64, ("llm", "model_type"): 256}
+
+
+def _regular_file(path: Path, what: str) -> os.stat_result:
+    """``os.stat`` of ``path``, refusing anything that is not a regular file with an error saying what it is."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsafeFileError(f"{path} is not valid JSON: {exc}") from None
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror}); check the path and its permissions") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{path} is a directory, not {what}; point to the adapter directory that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device or special file"
+        raise UnsafeFileError(f"{path} is {kind}, not {what} (a regular file); refusing to read it")
+    return info
+
+
+def _check_not_sparse(path: Path, info: os.stat_result) -> None:
+    """Refuse a large weights file that occupies far less on disk than it claims (a sparse or zero-filled file)."""
+    blocks = getattr(info, "st_blocks", None)
+    if blocks is None or info.st_size <= SPARSE_CHECK_BYTES:
+        return
+    on_disk = blocks * 512
+    if on_disk * 4 < info.st_size:
+        raise UnsafeFileError(
+            f"{path} claims {info.st_size:,} bytes but occupies {on_disk:,} on disk (a sparse or mostly-zero file); "
+            "trained adapter weights do not compress like that: refusing to allocate for it. If it is genuine, "
+            "copy it without holes (cp --sparse=never) and load the copy"
+        )
+
+
+def _check_depth(value, path: Path) -> None:
+    """Bounded nesting anywhere in the config (unknown sections included), checked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise UnsafeFileError(f"{path} nests objects/lists more than {MAX_CONFIG_DEPTH} deep; an adapter config is flat JSON")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _layer_index_ok(value) -> bool:
+    return type(value) is int and -MAX_LAYERS - 1 <= value <= MAX_LAYERS
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """Parse and validate ``adapter_config.json``: every field the loader uses has a bounded type and range.
+
+    Nothing is built from the config here. Unknown keys and sections (a newer version's) are
+    accepted, bounded by the file size (10 MB) and a nesting depth of 64. Errors name the file, the
+    field and what a valid value looks like, in a message of bounded length.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"{directory} is a file, not an adapter directory (one holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+    info = _regular_file(path, "an adapter config")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise UnsafeFileError(f"{path} is {info.st_size:,} bytes; an adapter config is a few KB (limit {MAX_CONFIG_BYTES:,})")
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UnsafeFileError(f"{path} is over {MAX_CONFIG_BYTES:,} bytes; an adapter config is a few KB")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UnsafeFileError(f"{path} is not UTF-8 text (byte {exc.start}); an adapter config is JSON") from None
+    except json.JSONDecodeError as exc:
+        raise UnsafeFileError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise UnsafeFileError(f"{path} is not a usable adapter config: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+        raise UnsafeFileError(f"{path} is not a usable adapter config ({str(exc)[:120]})") from None
     if not isinstance(config, dict) or config.get("library") != "paraencoder":
         raise UnsafeFileError(f"{path} is not a paraencoder adapter config (no \"library\": \"paraencoder\")")
+    _check_depth(config, path)
     for section, keys in {"encoder": ("hidden_size", "num_layers"), "projector": ("layer", "stack", "hidden_dim", "activation", "in_dim", "out_dim"), "llm": ()}.items():
         if not isinstance(config.get(section), dict):
             raise UnsafeFileError(f"{path}: section {section!r} is missing or not an object")
         for key in keys:
             if key not in config[section]:
                 raise UnsafeFileError(f"{path}: {section}.{key} is missing")
+    for (section, key), (low, high, nullable) in _CONFIG_INTS.items():
+        value = config[section].get(key)
+        if value is None and (nullable or key not in config[section]):
+            continue
+        if type(value) is not int or not low <= value <= high:
+            raise UnsafeFileError(f"{path}: {section}.{key}={shorten(value)} is not a sane size (an integer from {low} to {high})")
+    for (section, key), limit in _CONFIG_STRINGS.items():
+        value = config[section].get(key)
+        if value is not None and not (isinstance(value, str) and len(value) <= limit):
+            raise UnsafeFileError(f"{path}: {section}.{key}={shorten(value)} must be null or a string of at most {limit} characters")
+    if not any(config["llm"].get(k) is not None for k in ("hidden_size", "vocab_size", "weights_sha256")):
+        raise UnsafeFileError(
+            f"{path}: the llm section records no identity (hidden_size, vocab_size, weights_sha256), so the LLM it was "
+            "trained for cannot be checked; save the adapter again with SpeechAdapter.build(...).save_pretrained"
+        )
     proj = config["projector"]
-    for key in ("stack", "hidden_dim", "in_dim", "out_dim"):
-        value = proj[key]
-        if not isinstance(value, int) or not 1 <= value <= 65536:
-            raise UnsafeFileError(f"{path}: projector.{key}={value!r} is not a sane size (1-65536)")
     if not isinstance(proj["activation"], str) or proj["activation"] not in ("swiglu", "gelu"):
-        raise UnsafeFileError(f"{path}: projector.activation={proj['activation']!r} is unknown")
+        raise UnsafeFileError(f"{path}: projector.activation={shorten(proj['activation'])} is unknown; use \"swiglu\" or \"gelu\"")
     layer = proj["layer"]
-    if not (layer in ("last", "mix") or type(layer) is int):
-        raise UnsafeFileError(f"{path}: projector.layer={layer!r} must be \"last\", \"mix\" or an integer")
+    if not (layer in ("last", "mix") or _layer_index_ok(layer)):
+        raise UnsafeFileError(f"{path}: projector.layer={shorten(layer)} must be \"last\", \"mix\" or a layer index")
     mix = proj.get("mix_layers")
-    if mix is not None and not (isinstance(mix, list) and len(mix) <= 1024 and all(type(i) is int for i in mix)):
-        raise UnsafeFileError(f"{path}: projector.mix_layers={mix!r} must be null or a list of layer indices")
+    if mix is not None and not (isinstance(mix, list) and len(mix) <= 1024 and all(_layer_index_ok(i) for i in mix)):
+        raise UnsafeFileError(f"{path}: projector.mix_layers={shorten(mix)} must be null or a list of layer indices")
+    summary = proj.get("summary_tokens", 0)
+    if not (summary is None or (type(summary) is int and 0 <= summary <= 64)):
+        raise UnsafeFileError(f"{path}: projector.summary_tokens={shorten(summary, 40)} must be an integer from 0 to 64")
     enc = config["encoder"]
     train = enc.get("train_layers")
-    if not (train is None or isinstance(train, str) or type(train) is int or (isinstance(train, list) and all(type(i) is int for i in train))):
-        raise UnsafeFileError(f"{path}: encoder.train_layers={train!r} must be null, a string, an integer or a list of integers")
+    if not (
+        train is None
+        or (isinstance(train, str) and len(train) <= 16 * (MAX_LAYERS + 1))
+        or _layer_index_ok(train)
+        or (isinstance(train, list) and len(train) <= MAX_LAYERS and all(_layer_index_ok(i) for i in train))
+    ):
+        raise UnsafeFileError(
+            f"{path}: encoder.train_layers={shorten(train)} must be null, \"all\", \"none\", a range like \"2-5\", "
+            "a layer index or a list of layer indices"
+        )
     if not isinstance(enc.get("train_frontend", False), (bool, type(None))):
-        raise UnsafeFileError(f"{path}: encoder.train_frontend={enc['train_frontend']!r} must be true or false")
+        raise UnsafeFileError(f"{path}: encoder.train_frontend={shorten(enc['train_frontend'])} must be true or false")
+    prompts = config.get("prompts")
+    if prompts is not None and not isinstance(prompts, dict):
+        raise UnsafeFileError(f"{path}: prompts={shorten(prompts)} must be null or an object like {{\"system\": \"...\"}}")
+    system = (prompts or {}).get("system")
+    if system is not None:
+        if not isinstance(system, str) or len(system) > MAX_SYSTEM_PROMPT_CHARS:
+            raise UnsafeFileError(f"{path}: prompts.system={shorten(system)} must be null or a string of at most {MAX_SYSTEM_PROMPT_CHARS:,} characters")
+        try:
+            check_system_prompt(system)
+        except PromptError as exc:
+            raise UnsafeFileError(f"{path}: prompts.system: {exc}") from None
+    sha = config.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise UnsafeFileError(f"{path}: weights_sha256={shorten(sha)} must be null or 64 lowercase hex digits")
     return config
 
 
@@ -398,85 +604,127 @@ def load_adapter_weights(adapter: "SpeechAdapter", directory: str | os.PathLike,
 def check_projector_config(path: Path, config: dict, encoder: SpeechEncoder, weights: Path) -> None:
     """Refuse a projector config that does not fit ``encoder`` or is larger than the weights file can hold.
 
-    Runs before any module is built, so an absurd config never allocates: the projector's parameter
-    count must fit in the weights file at 2 bytes a parameter (F16/BF16 is the smallest dtype allowed).
+    Runs before any module is built, so an absurd config never allocates: the layer indices and
+    ``encoder.train_layers`` must exist in the real encoder, and the projector's parameter count
+    must fit in the weights file at 2 bytes a parameter (F16/BF16 is the smallest dtype allowed).
     """
     proj = config["projector"]
     if proj["in_dim"] != encoder.hidden_size:
         raise AdapterMismatchError(
-            f"{path}: the projector reads {proj['in_dim']}-dim encoder states but encoder {config['encoder'].get('spec')!r} "
+            f"{path}: the projector reads {proj['in_dim']}-dim encoder states but encoder {shorten(config['encoder'].get('spec'))} "
             f"has hidden size {encoder.hidden_size}; pass the encoder it was trained with"
         )
     states = encoder.num_layers + 1
     layers = proj.get("mix_layers") or []
     if proj["layer"] not in ("last", "mix"):
         layers = [proj["layer"]]
-    if any(not -states <= i < states for i in layers):
-        raise UnsafeFileError(f"{path}: projector layers {layers} are outside the encoder's hidden states 0-{states - 1}")
+    bad = [i for i in layers if not -states <= i < states]
+    if bad:
+        raise UnsafeFileError(
+            f"{path}: projector layers {shorten(bad)} are outside the encoder's hidden states 0-{states - 1}; "
+            "this adapter was not trained on this encoder (pass encoder=...) or its config is damaged"
+        )
+    from paraencoder.encoders.base import parse_layer_spec
+
+    try:
+        parse_layer_spec(config["encoder"].get("train_layers") or "none", encoder.num_layers, name="encoder.train_layers")
+    except ConfigError as exc:
+        raise UnsafeFileError(f"{path}: {exc}") from None
     stacked, hidden, out = proj["in_dim"] * proj["stack"], proj["hidden_dim"], proj["out_dim"]
     width = 2 * hidden if proj["activation"] == "swiglu" else hidden
     params = 2 * stacked + (stacked + 1) * width + (hidden + 1) * out + 2 * out
-    size = weights.stat().st_size if weights.is_file() else 0
-    if 2 * params > size:
+    info = _regular_file(weights, "an adapter weights file")
+    _check_not_sparse(weights, info)
+    if 2 * params > info.st_size:
         raise UnsafeFileError(
-            f"{path}: the projector it describes has {params:,} parameters, more than {weights.name} ({size:,} bytes) can hold"
+            f"{path}: the projector it describes has {params:,} parameters, more than {weights.name} ({info.st_size:,} bytes) can hold"
         )
 
 
-def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]], *, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file only after its header matches ``expected`` names and shapes exactly.
+def check_safetensors_header(path: Path, expected: dict[str, tuple[int, ...]], *, complete: bool = False) -> dict:
+    """Validate a safetensors file's header against ``expected`` names and shapes without reading any tensor.
 
-    The header is parsed by hand first, so a hostile file (huge declared sizes, overlapping offsets,
-    unknown tensors, odd dtypes) is rejected before a single tensor is allocated.
+    The header is parsed by hand, so a hostile file (huge declared sizes, overlapping offsets,
+    unknown tensors, odd dtypes, trailing bytes) is rejected before a single tensor is allocated.
+    With ``complete``, every expected tensor must be present. The tensors must tile the data
+    section exactly: the file is never larger than the tensors ``expected`` allows. Returns the header.
     """
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist")
-    size = path.stat().st_size
+    info = _regular_file(path, "an adapter weights file")
+    size = info.st_size
     if size > MAX_ADAPTER_BYTES:
-        raise UnsafeFileError(f"{path} is {size} bytes, over the {MAX_ADAPTER_BYTES} byte limit for adapters")
+        raise UnsafeFileError(f"{path} is {size:,} bytes, over the {MAX_ADAPTER_BYTES:,} byte limit for adapters")
+    _check_not_sparse(path, info)
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise UnsafeFileError(f"{path} is truncated (no safetensors header)")
+            raise UnsafeFileError(f"{path} is truncated (no safetensors header); save the adapter again")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(size - 8, 100 * 1024**2):
-            raise UnsafeFileError(f"{path}: declared header length {header_len} exceeds the file")
+            raise UnsafeFileError(f"{path}: declared header length {header_len:,} exceeds the file ({size:,} bytes)")
         try:
             header = json.loads(handle.read(header_len).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UnsafeFileError(f"{path}: corrupt safetensors header ({exc})") from None
+            raise UnsafeFileError(f"{path}: corrupt safetensors header ({str(exc)[:120]})") from None
         except RecursionError:  # Python's json recurses once per nesting level
             raise UnsafeFileError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+        except ValueError as exc:  # an integer over Python's 4300-digit limit
+            raise UnsafeFileError(f"{path}: corrupt safetensors header ({str(exc)[:120]})") from None
     if not isinstance(header, dict):
         raise UnsafeFileError(f"{path}: safetensors header is not an object")
     header.pop("__metadata__", None)
     unknown = sorted(set(header) - set(expected))
     if unknown:
-        raise UnsafeFileError(f"{path} holds tensors this adapter does not have: {unknown[:5]}; refusing to load it")
+        raise UnsafeFileError(f"{path} holds tensors this adapter does not have: {shorten(unknown[:5])}; refusing to load it")
+    missing = sorted(set(expected) - set(header)) if complete else []
+    if missing:
+        raise UnsafeFileError(
+            f"{path} lacks tensors {shorten(missing[:5])} that {CONFIG_NAME} describes (a damaged file, or a config "
+            "from another adapter); save the adapter again or restore both files together"
+        )
     data_len = size - 8 - header_len
     spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise UnsafeFileError(f"{path}: tensor {name!r} has a malformed entry")
-        if not isinstance(info["dtype"], str) or info["dtype"] not in _DTYPES:
-            raise UnsafeFileError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; adapters hold F32/F16/BF16 only")
-        shape = info["shape"]
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise UnsafeFileError(f"{path}: tensor {shorten(name)} has a malformed entry")
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in _DTYPES:
+            raise UnsafeFileError(f"{path}: tensor {shorten(name)} has dtype {shorten(entry['dtype'])}; adapters hold F32/F16/BF16 only")
+        shape = entry["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise UnsafeFileError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
+            raise UnsafeFileError(f"{path}: tensor {shorten(name)} has a malformed shape {shorten(shape)}")
         if tuple(shape) != tuple(expected[name]):
-            raise UnsafeFileError(f"{path}: tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected[name])}")
-        offsets = info["data_offsets"]
+            raise UnsafeFileError(f"{path}: tensor {shorten(name)} has shape {shorten(tuple(shape))}, expected {tuple(expected[name])}")
+        offsets = entry["data_offsets"]
         if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise UnsafeFileError(f"{path}: tensor {name!r} has malformed data offsets {offsets!r}")
+            raise UnsafeFileError(f"{path}: tensor {shorten(name)} has malformed data offsets {shorten(offsets)}")
         start, end = offsets
-        nbytes = math.prod(shape) * _DTYPES[info["dtype"]].itemsize
+        nbytes = math.prod(shape) * _DTYPES[entry["dtype"]].itemsize
         if not (type(start) is int and type(end) is int and 0 <= start <= end <= data_len and end - start == nbytes):
-            raise UnsafeFileError(f"{path}: tensor {name!r} has data offsets {start}-{end} inconsistent with its shape or the file size")
+            raise UnsafeFileError(
+                f"{path}: tensor {shorten(name)} has data offsets {shorten(start, 24)}-{shorten(end, 24)} inconsistent with its shape or the file size"
+            )
         spans.append((start, end))
     spans.sort()
-    for (s0, e0), (s1, _) in zip(spans, spans[1:]):
-        if s1 < e0:
+    position = 0
+    for start, end in spans:
+        if start < position:
             raise UnsafeFileError(f"{path}: tensors overlap in the data section")
+        if start > position:
+            raise UnsafeFileError(f"{path}: {start - position:,} bytes between tensors belong to none; refusing a padded file")
+        position = end
+    if position != data_len:
+        raise UnsafeFileError(f"{path}: {data_len - position:,} bytes after the last tensor belong to none; refusing a padded file")
+    return header
+
+
+def read_safetensors_checked(
+    path: Path, expected: dict[str, tuple[int, ...]], *, sha256: str | None = None, complete: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file only after its header matches ``expected`` names and shapes exactly.
+
+    See :func:`check_safetensors_header`. Tensors holding NaN or infinity are refused: such
+    weights load but make every reply empty.
+    """
+    check_safetensors_header(path, expected, complete=complete)
     if sha256 is not None and _file_sha256(path) != sha256:
         # The config (written last) pins the weights: this is a torn save or a swapped file.
         raise UnsafeFileError(
@@ -486,6 +734,14 @@ def read_safetensors_checked(path: Path, expected: dict[str, tuple[int, ...]], *
     from safetensors.torch import load_file
 
     try:
-        return {k: v.float() if v.dtype != torch.float32 else v for k, v in load_file(str(path)).items()}
+        state = {k: v.float() if v.dtype != torch.float32 else v for k, v in load_file(str(path)).items()}
     except Exception as exc:  # safetensors raises its own error types
-        raise UnsafeFileError(f"{path}: cannot read tensors ({exc})") from None
+        raise UnsafeFileError(f"{path}: cannot read tensors ({str(exc)[:200]})") from None
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UnsafeFileError(
+                f"{path}: tensor {shorten(name)} holds {bad:,} NaN/infinite values (a diverged training run); "
+                "retrain, or export an earlier checkpoint"
+            )
+    return state

@@ -101,3 +101,48 @@ class Projector(nn.Module):
             x = nn.functional.gelu(self.up(x))
         x = self.out_norm(self.down(x))
         return x, self.output_lengths(frame_lengths)
+
+
+class UtteranceSummary(nn.Module):
+    """``num_tokens`` learned queries attention-pool a clip's frames into clip-level soft tokens.
+
+    Emotion, age and gender are properties of the whole utterance, while frame tokens each see
+    ``stack`` frames (~160 ms). The summary tokens are prepended to the frame tokens, so the LLM
+    reads the clip's overall character first and the frames after it.
+
+    Args:
+        in_dim: encoder hidden size (it reads the same layer selection / mix as the projector).
+        out_dim: LLM hidden size.
+        num_tokens: how many summary tokens (queries).
+        heads: attention heads per query (``in_dim`` must divide by it).
+        hidden_dim: width of the MLP after pooling.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int = 1, heads: int = 8, hidden_dim: int = 1024):
+        super().__init__()
+        if not 1 <= num_tokens <= 64:
+            raise ConfigError(f"summary_tokens={num_tokens} must be between 1 and 64")
+        if in_dim % heads:
+            raise ConfigError(f"summary heads={heads} must divide the encoder hidden size {in_dim}")
+        self.num_tokens, self.heads = num_tokens, heads
+        self.norm = nn.LayerNorm(in_dim)
+        self.queries = nn.Parameter(torch.randn(num_tokens, in_dim) * in_dim**-0.5)
+        self.key_value = nn.Linear(in_dim, 2 * in_dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        self.out_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, frames: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
+        """``frames [B, F, D]`` (valid up to ``frame_lengths``) → ``[B, num_tokens, out_dim]``."""
+        b, f, d = frames.shape
+        x = self.norm(frames)
+        k, v = self.key_value(x).chunk(2, dim=-1)
+        split = lambda t: t.view(t.shape[0], -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q = split(self.queries.to(x.dtype).expand(b, -1, -1))
+        valid = torch.arange(f, device=frames.device)[None, :] < frame_lengths.to(frames.device)[:, None]
+        mask = valid[:, None, None, :]  # [B, 1, 1, F]: queries never attend to padding
+        pooled = nn.functional.scaled_dot_product_attention(q, split(k), split(v), attn_mask=mask)
+        pooled = pooled.transpose(1, 2).reshape(b, self.num_tokens, d)
+        # Attention pooling plus the clip's mean frame: the mean alone is what a linear probe reads.
+        counts = valid.sum(1).clamp(min=1)[:, None, None].to(x.dtype)
+        mean = (x * valid[..., None]).sum(1, keepdim=True) / counts
+        return self.out_norm(self.mlp(torch.cat([pooled, mean.expand(-1, self.num_tokens, -1)], dim=-1)))

@@ -132,3 +132,134 @@ def get_tasks(names: list[str] | tuple[str, ...] | str) -> list[Task]:
     if unknown:
         raise PromptError(f"unknown task(s) {unknown}; available: {sorted(TASKS)}")
     return [TASKS[n] for n in names]
+
+
+# -- questions as a distribution ---------------------------------------------------------------
+# A skill, not a prompt: the adapter trains on many phrasings and answer formats of each question
+# and is evaluated on a disjoint bank it never saw. Formats: "word", "sentence", "open" (free reply),
+# "choice" (``{options}`` lists every class) and "yesno" (``{candidate}`` is the true class or a
+# wrong one, so the right answer is "yes" or "no").
+
+LABEL_WORDS: dict[str, dict[str, str]] = {
+    "emotion": {e: EMOTION_ADJECTIVES.get(e, e) for e in ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")},
+    "age_group": {"child": "a child", "adult": "an adult"},
+    "gender": {"male": "male", "female": "female"},
+}
+"""How each class is named in a question (``{options}``, ``{candidate}``) and in the teacher's premise."""
+
+QUESTION_FORMATS = ("word", "sentence", "open", "choice", "yesno")
+
+# The premise the teacher is told before the question (the student hears only the voice).
+_PREMISES = {
+    "emotion": 'The speaker said "{transcript}" in a {word} voice, so the speaker is feeling {word}. ',
+    "age_group": 'This was said by {word}: "{transcript}", so the speaker is {word}. ',
+    "gender": 'A {word} speaker said "{transcript}", so the speaker is {word}. ',
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    """One phrasing of a question about the speaker: ``text`` follows ``<speech>`` in the student prompt."""
+
+    attribute: str
+    text: str
+    form: str
+
+    def __post_init__(self) -> None:
+        if self.form not in QUESTION_FORMATS:
+            raise PromptError(f"question {self.text!r}: format {self.form!r} is not one of {QUESTION_FORMATS}")
+        if (self.form == "choice") != ("{options}" in self.text) or (self.form == "yesno") != ("{candidate}" in self.text):
+            raise PromptError(f"question {self.text!r}: 'choice' needs {{options}} and 'yesno' needs {{candidate}}, no other format has them")
+        if SPEECH in self.text:
+            raise PromptError(f"question {self.text!r} must not contain {SPEECH!r}: it is placed after the speech")
+
+    def render(self, *, candidate: str | None = None, order: list[str] | None = None) -> str:
+        """The question text with its slots filled (``candidate`` a class name, ``order`` the option order)."""
+        words = LABEL_WORDS[self.attribute]
+        options = ", ".join(words[c] for c in (order or list(words)))
+        return self.text.format(options=options, candidate=words.get(candidate, candidate) if candidate else "")
+
+    def student(self, **slots) -> str:
+        return f"{SPEECH}\n{self.render(**slots)}"
+
+    def teacher(self, transcript: str, label: str, **slots) -> str:
+        word = LABEL_WORDS[self.attribute].get(label, label)
+        return _PREMISES[self.attribute].format(transcript=transcript, word=word) + self.render(**slots)
+
+
+def _bank(attribute: str, items: list[tuple[str, str]]) -> tuple[Question, ...]:
+    return tuple(Question(attribute, text, form) for form, text in items)
+
+
+QUESTION_BANK: dict[str, dict[str, tuple[Question, ...]]] = {
+    "emotion": {
+        "train": _bank("emotion", [
+            ("sentence", "How does the speaker feel? Answer in one sentence."),  # the original task phrasing
+            ("word", "What emotion do you hear in this voice? Answer with one word."),
+            ("open", "Describe the speaker's emotional state."),
+            ("sentence", "What mood is the speaker in? Reply in a sentence."),
+            ("open", "Tell me how this person is feeling right now."),
+            ("word", "Name the feeling in the speaker's voice in a single word."),
+            ("choice", "Which emotion does the speaker express: {options}?"),
+            ("yesno", "Is the speaker {candidate}? Answer yes or no."),
+        ]),
+        "eval": _bank("emotion", [
+            ("word", "How does the speaker feel? Answer with one word."),
+            ("open", "What is the emotional tone of this voice?"),
+            ("sentence", "In one sentence, what feeling does the speaker convey?"),
+            ("open", "How would you describe the speaker's mood?"),
+            ("choice", "Which of these best describes the speaker's emotion: {options}?"),
+            ("yesno", "Does the speaker sound {candidate}? Answer yes or no."),
+        ]),
+    },
+    "age_group": {
+        "train": _bank("age_group", [
+            ("sentence", "Is the speaker a child or an adult? Answer in one sentence."),  # the original task phrasing
+            ("word", "Child or adult? Answer with one word."),
+            ("open", "How old does the speaker sound?"),
+            ("sentence", "Does this voice belong to a child or to an adult? Reply in a sentence."),
+            ("choice", "Who is speaking: {options}?"),
+            ("yesno", "Is the speaker {candidate}? Answer yes or no."),
+        ]),
+        "eval": _bank("age_group", [
+            ("word", "Was this said by a kid or an adult? One word."),
+            ("open", "What can you tell about the speaker's age?"),
+            ("sentence", "In one sentence: is the person speaking a kid or a grown-up?"),
+            ("choice", "Which describes the speaker: {options}?"),
+            ("yesno", "Does this sound like {candidate} speaking? Answer yes or no."),
+        ]),
+    },
+    "gender": {
+        "train": _bank("gender", [
+            ("sentence", "Is the speaker male or female? Answer in one sentence."),  # the original task phrasing
+            ("word", "Male or female voice? One word."),
+            ("choice", "Which is the speaker: {options}?"),
+            ("yesno", "Is the speaker {candidate}? Answer yes or no."),
+        ]),
+        "eval": _bank("gender", [
+            ("word", "Is this a man's or a woman's voice? Answer with one word."),
+            ("sentence", "In a sentence, what is the speaker's gender?"),
+            ("yesno", "Does the speaker sound {candidate}? Answer yes or no."),
+        ]),
+    },
+}
+"""Question phrasings per attribute: ``train`` for alignment, ``eval`` (disjoint) for evaluation only."""
+
+TRAINED_PHRASING = {a: bank["train"][0] for a, bank in QUESTION_BANK.items()}
+"""The phrasing each attribute was trained on before question banks (the suites' "trained" view)."""
+
+
+def question_slots(question: Question, label: str, seed: str) -> dict:
+    """Deterministic slots for one (question, item): a yes/no candidate (the true class half the time) and an option order."""
+    import hashlib
+    import random
+
+    rng = random.Random(hashlib.sha256(f"{seed}|{question.text}".encode()).hexdigest())
+    classes = list(LABEL_WORDS[question.attribute])
+    if question.form == "yesno":
+        wrong = [c for c in classes if c != label]
+        return {"candidate": label if rng.random() < 0.5 or not wrong else rng.choice(wrong)}
+    if question.form == "choice":
+        rng.shuffle(classes)
+        return {"order": classes}
+    return {}

@@ -55,6 +55,8 @@ class AlignmentModule(L.LightningModule):
         llm: frozen LLM spec: a packaged short name (``smollm2-135m-instruct``), a transformers directory or a ``.gguf`` file.
         encoder: speech encoder spec (``whisper-base``, ``whisper-tiny.en``, a Whisper/wav2vec2/HuBERT/WavLM directory, a CTranslate2 ``model.bin``).
         layer: encoder hidden state the projector reads (``"last"``, an index, or ``"mix"``).
+        mix_layers: with ``layer="mix"``, the hidden states mixed (default all), e.g. the layers a
+            speaker-grouped cross-validated probe picks (``[2, 3, 4]`` for Whisper-base).
         stack: encoder frames per soft token.
         projector_dim: projector MLP width (``None`` = max(LLM hidden, 1024)).
         activation: ``"swiglu"`` or ``"gelu"``.
@@ -75,6 +77,14 @@ class AlignmentModule(L.LightningModule):
         init_adapter: a saved adapter directory whose weights start this run (same LLM and
             projector shape), e.g. to continue from a released adapter with encoder layers unfrozen
             or other data. A resumed checkpoint still wins: its weights are loaded afterwards.
+        summary_tokens: clip-level soft tokens (attention-pooled over time) prepended to the frame
+            tokens (0 = none); see :class:`~paraencoder.projector.UtteranceSummary`.
+        aux_head: auxiliary classifier on the summary tokens during training: ``"none"``,
+            ``"linear"`` or ``"words"`` (scores against the frozen LLM's own embeddings of the class
+            words; :class:`~paraencoder.objectives.heads.SummaryHead`). Never part of the adapter.
+        aux_weight: weight of the auxiliary head's cross-entropy (summed over attributes).
+        encoder_states: directory of an on-disk frozen-encoder state cache shared by every run
+            (``"auto"`` = ``$PARAENCODER_CACHE/encoder_states``; ``None`` = in memory only).
     """
 
     def __init__(
@@ -82,6 +92,7 @@ class AlignmentModule(L.LightningModule):
         llm: str = "smollm2-135m-instruct",
         encoder: str = "whisper-base",
         layer: str | int = "last",
+        mix_layers: list[int] | None = None,
         stack: int = 4,
         projector_dim: int | None = None,
         activation: str = "swiglu",
@@ -100,6 +111,10 @@ class AlignmentModule(L.LightningModule):
         cache_encoder: bool = True,
         teacher_topk: int = 0,
         init_adapter: str | None = None,
+        summary_tokens: int = 0,
+        aux_head: str = "none",
+        aux_weight: float = 0.0,
+        encoder_states: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -107,18 +122,22 @@ class AlignmentModule(L.LightningModule):
 
         self.llm: FrozenLLM = backbones.resolve_llm(llm, dtype=llm_dtype)
         if system_prompt is not None:
-            self.llm.system_prompt = system_prompt
+            # A view: the resolved LLM is memoised and shared, so the prompt must not be written onto it.
+            self.llm = self.llm.with_system_prompt(system_prompt)
         self.adapter = SpeechAdapter.build(
             encoder,
             self.llm,
             layer=layer,
+            mix_layers=mix_layers,
             stack=stack,
             hidden_dim=projector_dim,
             activation=activation,
             train_layers=train_layers,
             gradient_checkpointing=gradient_checkpointing,
             system_prompt=system_prompt,
+            summary_tokens=summary_tokens,
         )
+        self.aux = self._build_aux_head(aux_head, aux_weight, summary_tokens)
         if init_adapter:
             from paraencoder.adapter import load_adapter_weights
 
@@ -127,6 +146,29 @@ class AlignmentModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._encoder_cache: dict[tuple, torch.Tensor] = {}
         self._topk_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _build_aux_head(self, kind: str, weight: float, summary_tokens: int):
+        if kind == "none":
+            return None
+        from paraencoder.objectives.heads import SummaryHead
+        from paraencoder.prompts import LABEL_WORDS
+
+        if weight <= 0:
+            raise ConfigError(f"model.aux_head={kind!r} needs model.aux_weight > 0 (or aux_head: none)")
+        classes = {a: list(words) for a, words in LABEL_WORDS.items()}
+        embeddings = None
+        if kind == "words":
+            # The LLM's own input embedding of each class word (mean over its sub-word pieces).
+            table = self.llm.model.get_input_embeddings().weight.detach()
+            embeddings = {}
+            for attr, words in LABEL_WORDS.items():
+                rows = []
+                for label, phrase in words.items():
+                    word = phrase.split()[-1]  # "a child" -> "child"
+                    ids = self.llm.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+                    rows.append(table[ids].float().mean(0))
+                embeddings[attr] = torch.stack(rows)
+        return SummaryHead(self.llm.hidden_size, classes, summary_tokens, kind, embeddings)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -179,6 +221,27 @@ class AlignmentModule(L.LightningModule):
         keys = [(ex.audio, ex.offset, ex.duration) for ex in batch["examples"]]
         needed = self.adapter.layer_select.mix_layers
         missing = [i for i, k in enumerate(keys) if k not in self._encoder_cache]
+        disk = self.encoder_state_cache()
+        if missing and disk is not None:
+            still = []
+            for i in missing:
+                states = disk.get(disk.key(*keys[i]))
+                if states is not None and states.shape[0] > max(needed):
+                    self._encoder_cache[keys[i]] = torch.stack([states[l].float() for l in needed])
+                else:
+                    still.append(i)
+            missing = still
+        if missing:
+            if disk is not None:
+                # Encode the whole stack once so every later run (any layer choice) reads it from disk.
+                with torch.no_grad():
+                    full = self.adapter.encoder(waves[torch.tensor(missing, device=waves.device)], lengths[torch.tensor(missing, device=waves.device)])
+                for j, i in enumerate(missing):
+                    n = int(full.lengths[j])
+                    states = torch.stack([h[j, :n] for h in full.hidden_states])
+                    disk.put(disk.key(*keys[i]), states)
+                    self._encoder_cache[keys[i]] = torch.stack([states[l] for l in needed]).cpu()
+                missing = []
         if missing:
             idx = torch.tensor(missing, device=waves.device)
             with torch.no_grad():
@@ -198,6 +261,21 @@ class AlignmentModule(L.LightningModule):
         frame_lengths = torch.tensor([x.shape[1] for x in items], device=self.device)
         return self.adapter.project(tuple(hidden), frame_lengths)
 
+    def encoder_state_cache(self):
+        """The on-disk frozen-encoder state cache (``encoder_states``), or ``None`` when off."""
+        where = self.hparams.encoder_states
+        if not where or not self.adapter.encoder_frozen:
+            return None
+        if getattr(self, "_disk_states", None) is None:
+            from paraencoder.data.encoder_states import EncoderStateCache
+
+            root = default_cache_dir() / "encoder_states" if where == "auto" else Path(where)
+            encoder_id = getattr(self.adapter.encoder, "identity", {}).get("weights_sha256")
+            if not encoder_id:
+                raise ConfigError(f"model.encoder_states={where!r} needs an encoder with a weights hash; {self.hparams.encoder!r} has none (set encoder_states: null)")
+            self._disk_states = EncoderStateCache(root, encoder_id)
+        return self._disk_states
+
     @staticmethod
     def response_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states that predict reply tokens ``[N, H]`` and those tokens ``[N]`` (shifted by one)."""
@@ -216,8 +294,22 @@ class AlignmentModule(L.LightningModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         examples = batch["examples"]
         replies = [ex.reply for ex in examples]
-        enc, embeds = self.student_batch(batch, replies)
+        soft = self.soft_tokens(batch)
+        enc, embeds = self.student_batch(batch, replies, soft=soft)
         hidden = self.llm.hidden_states(embeds, enc.attention_mask)
+        if self.aux is not None:
+            loss, parts = self._response_loss(examples, replies, enc, hidden)
+            logits = self.aux(soft[0][:, : self.adapter.num_summary_tokens])
+            labels = {a: [ex.labels.get(a) for ex in examples] for a in self.aux.classes}
+            aux_loss, aux_parts = self.aux.loss(logits, labels)
+            for attr, (right, n) in self.aux.accuracy(logits, labels).items():
+                if n:
+                    aux_parts[f"aux_acc/{attr}"] = torch.tensor(right / n)
+            return loss + self.hparams.aux_weight * aux_loss, {**parts, **aux_parts}
+        return self._response_loss(examples, replies, enc, hidden)
+
+    def _response_loss(self, examples, replies, enc, hidden):
+        """The reply objective (CE / KL through ``ObjectiveMix``) from the LLM's hidden states."""
         h, targets = self.response_hidden(hidden, enc.labels)
         head = self.llm.lm_head
         bias = getattr(head, "bias", None)
@@ -272,7 +364,10 @@ class AlignmentModule(L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer updates (subclasses add e.g. LoRA or auxiliary heads)."""
-        return [p for p in self.adapter.parameters() if p.requires_grad]
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        if getattr(self, "aux", None) is not None:
+            params += [p for p in self.aux.parameters() if p.requires_grad]
+        return params
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -308,6 +403,32 @@ class AlignmentModule(L.LightningModule):
         print(f"adapter written to {target}")
 
 
+def filter_teacher_answers(examples: list[AlignmentExample], *, source: str = "manifest") -> list[AlignmentExample]:
+    """Keep question-bank examples whose teacher reply parses to the right answer (others untouched); prints counts per format."""
+    from collections import Counter
+
+    from paraencoder.eval.labels import score_answer
+
+    kept, dropped, total = [], Counter(), Counter()
+    for ex in examples:
+        q = ex.question
+        if not q:
+            kept.append(ex)
+            continue
+        total[ex.task] += 1
+        _, correct = score_answer(q["attribute"], q["form"], ex.reply, ex.labels.get(q["attribute"]), q.get("candidate"))
+        if correct:
+            kept.append(ex)
+        else:
+            dropped[ex.task] += 1
+    if dropped:
+        summary = ", ".join(f"{t} {dropped[t]}/{total[t]}" for t in sorted(total) if dropped[t])
+        print(f"{source}: dropped {sum(dropped.values())} of {sum(total.values())} question-bank examples whose teacher reply gives a wrong or no answer ({summary})")
+    if total and not any(ex.question for ex in kept):
+        raise ConfigError(f"{source}: the teacher answered none of the {sum(total.values())} question-bank examples correctly; check the LLM or set data.filter_teacher: false")
+    return kept
+
+
 class AlignmentData(L.LightningDataModule):
     """Manifests → alignment examples with cached teacher replies → length-bucketed batches.
 
@@ -332,6 +453,14 @@ class AlignmentData(L.LightningDataModule):
             frozen LLM: needs an instruction-following model, SmolLM2-135M writes no valid pair) or
             an OpenAI-compatible URL (``qa_generator_model`` names the model).
         qa_pairs: QA pairs per utterance (implicit mode).
+        questions_per_item: with ``> 0``, the speaker-attribute tasks (``emotion``, ``age``,
+            ``gender``) ask that many phrasings per clip drawn from the training question bank
+            (:data:`paraencoder.prompts.QUESTION_BANK`: one word, sentence, open, multiple choice,
+            yes/no) instead of their single fixed question; ``0`` keeps the fixed question.
+        filter_teacher: drop question-bank examples whose teacher reply (to the stated cue) does not
+            parse to the right answer: the student never learns a wrong target. Counts are printed.
+        system_prompt: system message of the teacher prompts (linked from ``model.system_prompt``;
+            ``None`` = the model's, when a trainer attaches one, else the template's default).
     """
 
     def __init__(
@@ -353,6 +482,9 @@ class AlignmentData(L.LightningDataModule):
         qa_generator: str = "templates",
         qa_generator_model: str | None = None,
         qa_pairs: int = 2,
+        questions_per_item: int = 0,
+        filter_teacher: bool = True,
+        system_prompt: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -365,16 +497,29 @@ class AlignmentData(L.LightningDataModule):
 
         utts = load_manifest(manifest)
         tasks = get_tasks(self.hparams.tasks)
-        examples = build_examples(utts, tasks, source=manifest)
+        banked: list[str] = []
+        if self.hparams.questions_per_item > 0:
+            from paraencoder.data.dataset import TASK_ATTRIBUTES
+
+            banked = [TASK_ATTRIBUTES[t.name] for t in tasks if t.name in TASK_ATTRIBUTES]
+            tasks = [t for t in tasks if t.name not in TASK_ATTRIBUTES]
+        examples = build_examples(utts, tasks, source=manifest) if tasks else []
+        if banked:
+            from paraencoder.data.dataset import bank_examples
+
+            examples += bank_examples(utts, banked, per_item=self.hparams.questions_per_item, seed=self.hparams.seed)
         examples += self._qa_examples(utts, tasks)
         if self.hparams.max_examples:
             g = torch.Generator().manual_seed(self.hparams.seed)
             order = torch.randperm(len(examples), generator=g).tolist()
             examples = [examples[i] for i in order[: self.hparams.max_examples]]
-        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype)
+        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
         cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
         decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
-        return attach_teacher_replies(examples, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
+        examples = attach_teacher_replies(examples, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
+        if banked and self.hparams.filter_teacher:
+            examples = filter_teacher_answers(examples, source=manifest)
+        return examples
 
     def _qa_examples(self, utts, tasks) -> list[AlignmentExample]:
         """Extra alignment examples for the contextual-QA modes (cached and resumable like teacher replies)."""
@@ -408,6 +553,18 @@ class AlignmentData(L.LightningDataModule):
             # The target is the frozen LLM's own answer given transcript + metadata (behavioral alignment).
             extra += qa_examples(with_emotion, qa, reply="teacher")
         return extra
+
+    def system_prompt(self) -> str | None:
+        """The teacher's system prompt: this module's, else the attached model's (they must agree)."""
+        mine = self.hparams.get("system_prompt")
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        theirs = getattr(getattr(module, "hparams", None), "get", lambda key: None)("system_prompt")
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ConfigError(
+                f"data.system_prompt={mine[:80]!r} but model.system_prompt={theirs[:80]!r}: teacher and student must "
+                "share one system prompt; set model.system_prompt only (the CLI links it to the data)"
+            )
+        return mine if mine is not None else theirs
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):

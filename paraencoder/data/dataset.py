@@ -35,6 +35,7 @@ class AlignmentExample:
     reply: str | None = None
     labels: dict = field(default_factory=dict)
     transcript: str | None = None
+    question: dict = field(default_factory=dict)  # bank questions: attribute, form, text, candidate
 
 
 def build_examples(utterances: Sequence, tasks: Sequence[Task], *, system: str | None = None, source: str = "manifest") -> list[AlignmentExample]:
@@ -74,6 +75,60 @@ def build_examples(utterances: Sequence, tasks: Sequence[Task], *, system: str |
                 source, None, ",".join(missing), f"utterance {utt.id!r} has none of the labels the tasks {[t.name for t in tasks]} need"
             )
     return examples
+
+
+TASK_ATTRIBUTES = {"emotion": "emotion", "age": "age_group", "gender": "gender"}
+"""Alignment tasks that ask about a speaker attribute, and the label field each one asks about."""
+
+
+def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: int, system: str | None = None, seed: int = 0, split: str = "train") -> list[AlignmentExample]:
+    """``per_item`` examples per (utterance, attribute), each with a phrasing of the question bank.
+
+    Phrasings are drawn without replacement per item, deterministically from ``(seed, utterance id)``,
+    so every phrasing and answer format of :data:`~paraencoder.prompts.QUESTION_BANK` is seen across
+    the data while each clip gets different ones.
+    """
+    import hashlib
+    import random
+
+    from paraencoder.prompts import QUESTION_BANK, question_slots
+
+    examples = []
+    for utt in utterances:
+        if not utt.transcript:
+            continue
+        labels = dict(utt.labels())
+        labels["transcript"] = utt.transcript
+        for attr in attributes:
+            label = labels.get(attr)
+            bank = QUESTION_BANK[attr][split]
+            if not label or label not in _classes(attr):
+                continue
+            rng = random.Random(hashlib.sha256(f"{seed}|{utt.id}|{attr}".encode()).hexdigest())
+            for q in rng.sample(list(bank), min(per_item, len(bank))):
+                slots = question_slots(q, label, f"{seed}|{utt.id}")
+                examples.append(
+                    AlignmentExample(
+                        utt_id=utt.id,
+                        audio=utt.audio,
+                        offset=utt.offset or 0.0,
+                        duration=utt.duration,
+                        task=f"{attr}/{q.form}",
+                        student_prompt=q.student(**slots),
+                        teacher_prompt=q.teacher(utt.transcript, label, **slots),
+                        system=system,
+                        labels=labels,
+                        transcript=utt.transcript,
+                        question={"attribute": attr, "form": q.form, "text": q.text, "candidate": slots.get("candidate")},
+                    )
+                )
+    return examples
+
+
+def _classes(attr: str) -> tuple[str, ...]:
+    from paraencoder.prompts import LABEL_WORDS
+
+    return tuple(LABEL_WORDS[attr])
 
 
 def attach_teacher_replies(examples: list[AlignmentExample], llm, cache: TeacherCache, *, decoding: Decoding = Decoding(), batch_size: int = 16, progress: bool = True) -> list[AlignmentExample]:

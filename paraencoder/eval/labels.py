@@ -261,3 +261,36 @@ def map_label(label: str | None, label_set: str | LabelSet) -> str | None:
     ('neutral', None)
     """
     return get_label_set(label_set).map(label)
+
+
+_YES = re.compile(r"^\W*(?:yes|yeah|yep|correct|indeed|absolutely|certainly|definitely)\b", re.IGNORECASE)
+_NO = re.compile(r"^\W*(?:no|nope|not really|not at all)\b", re.IGNORECASE)
+
+EXTRACTORS = {"emotion": extract_emotion, "age_group": extract_age_group, "gender": extract_gender}
+"""Label field → the parser that reads that attribute from a free-text reply."""
+
+
+def extract_yes_no(text: str | None) -> str | None:
+    """``"yes"`` / ``"no"`` when a reply opens with one (``"Yes, the speaker sounds sad."``), else ``None``."""
+    if not text:
+        return None
+    if _YES.search(text):
+        return "yes"
+    if _NO.search(text):
+        return "no"
+    return None
+
+
+def score_answer(attribute: str, form: str, reply: str | None, label: str, candidate: str | None = None) -> tuple[str | None, bool]:
+    """``(parsed answer, correct)`` for a reply to a question-bank question about ``attribute``.
+
+    Naming formats (word, sentence, open, choice) parse the class the reply names; ``yesno`` parses
+    yes/no and is correct when it agrees with ``candidate == label``. An unparsed reply is never correct.
+    """
+    if form == "yesno":
+        answer = extract_yes_no(reply)
+        return answer, answer is not None and (answer == "yes") == (candidate == label)
+    lset = {"emotion": "emotion8", "age_group": "age", "gender": "gender"}[attribute]
+    raw = EXTRACTORS[attribute](reply)
+    pred = map_label(raw, lset) if raw is not None else None
+    return pred, pred is not None and pred == map_label(label, lset)

@@ -152,3 +152,80 @@ class DualLevelHead(nn.Module):
                 parts[f"{attr}/consistency"] = part
                 total = total + self.consistency_weight * part
         return total, parts
+
+
+class SummaryHead(nn.Module):
+    """Auxiliary classifiers on the adapter's utterance summary tokens (training only).
+
+    Attribute ``i`` of ``classes`` is read from summary token ``i % num_tokens``. Two kinds:
+
+    * ``"linear"``: a linear classifier per attribute (PE-FT's auxiliary head, one level);
+    * ``"words"``: the class scores are cosine similarities between the summary token and the
+      frozen LLM's *own input embedding* of each class's word (" sad", " child"), times a learned
+      scale. The summary token is pulled toward the word the LLM would have read had the cue been
+      written, which is exactly what a question about the speaker needs it to read.
+
+    Args:
+        dim: LLM hidden size (summary tokens live in the LLM's embedding space).
+        classes: attribute → class names, e.g. ``{"emotion": [...8...], "age_group": ["child", "adult"]}``.
+        num_tokens: the adapter's summary token count.
+        kind: ``"linear"`` or ``"words"``.
+        word_embeddings: for ``"words"``: attribute → ``[C, dim]`` class word embeddings (frozen).
+    """
+
+    KINDS = ("linear", "words")
+
+    def __init__(self, dim: int, classes: dict[str, list[str]], num_tokens: int, kind: str = "words", word_embeddings: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ConfigError(f"aux_head={kind!r}: choose one of {('none',) + self.KINDS}")
+        if num_tokens < 1:
+            raise ConfigError("an auxiliary summary head needs model.summary_tokens >= 1")
+        self.kind, self.num_tokens = kind, num_tokens
+        self.classes = {a: list(c) for a, c in classes.items()}
+        self.token_of = {a: i % num_tokens for i, a in enumerate(self.classes)}
+        if kind == "linear":
+            self.heads = nn.ModuleDict({a: nn.Linear(dim, len(c)) for a, c in self.classes.items()})
+        else:
+            if word_embeddings is None or set(word_embeddings) != set(self.classes):
+                raise ConfigError("aux_head='words' needs the LLM's word embeddings of every attribute's classes")
+            for i, a in enumerate(self.classes):
+                self.register_buffer(f"_words_{i}", F.normalize(word_embeddings[a].detach().float(), dim=-1), persistent=False)
+            self.log_scale = nn.Parameter(torch.tensor(2.3))  # e^2.3 ~ 10: cosine logits need a temperature
+
+    def forward(self, summary: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``summary [B, K, dim]`` → attribute → logits ``[B, C]``."""
+        out = {}
+        for i, attr in enumerate(self.classes):
+            token = summary[:, self.token_of[attr]]
+            if self.kind == "linear":
+                out[attr] = self.heads[attr](token)
+            else:
+                words = getattr(self, f"_words_{i}").to(token.dtype)
+                out[attr] = F.normalize(token, dim=-1) @ words.T * self.log_scale.exp()
+        return out
+
+    def loss(self, logits: dict[str, torch.Tensor], labels: dict[str, list[str | None]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean CE per attribute over the items labelled with one of its classes (0, never NaN, if none); total = sum."""
+        parts = {}
+        total = None
+        for attr, lg in logits.items():
+            names = self.classes[attr]
+            ids = torch.tensor([names.index(x) if x in names else -100 for x in labels.get(attr, [None] * lg.shape[0])], device=lg.device)
+            if (ids != -100).any():
+                ce = F.cross_entropy(lg.float(), ids, ignore_index=-100)
+            else:
+                ce = lg.sum() * 0.0
+            parts[f"aux/{attr}"] = ce.detach()
+            total = ce if total is None else total + ce
+        return total, parts
+
+    @torch.no_grad()
+    def accuracy(self, logits: dict[str, torch.Tensor], labels: dict[str, list[str | None]]) -> dict[str, tuple[int, int]]:
+        """attribute → (correct, labelled) for monitoring."""
+        out = {}
+        for attr, lg in logits.items():
+            names = self.classes[attr]
+            pairs = [(int(p), names.index(x)) for p, x in zip(lg.argmax(-1).tolist(), labels.get(attr, [])) if x in names]
+            out[attr] = (sum(p == t for p, t in pairs), len(pairs))
+        return out
