@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["SpeechAdapter", "FrozenLLM", "__version__"]
+__all__ = ["SpeechAdapter", "FrozenLLM", "set_threads", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,6 +19,10 @@ def __getattr__(name: str):
         from paraencoder.adapter import SpeechAdapter
 
         return SpeechAdapter
+    if name == "set_threads":  # the CPU thread policy of every command (paraencoder.threads)
+        from paraencoder.threads import set_threads
+
+        return set_threads
     if name == "FrozenLLM":
         from paraencoder.llm import FrozenLLM
 

@@ -198,7 +198,7 @@ class SpeechAdapter(nn.Module):
     def generate(
         self,
         audio: AudioInput | Sequence[AudioInput],
-        prompt: str = SPEECH,
+        prompt: str | Sequence[str] = SPEECH,
         *,
         sample_rate: int | None = None,
         system: str | None = None,
@@ -209,17 +209,23 @@ class SpeechAdapter(nn.Module):
     ) -> str | list[str]:
         """Reply of the frozen LLM to speech. ``prompt`` must contain ``<speech>`` (alone = respond to the speech).
 
-        ``audio`` is one path/array or a list of them (arrays need ``sample_rate``). Returns one
-        string for one input, else a list.
+        ``audio`` is one path/array or a list of them (arrays need ``sample_rate``); ``prompt`` is one
+        prompt for every clip or a list with one per clip (one batched generation either way).
+        Returns one string for one input, else a list.
         """
         llm = self.llm
         was_training = self.training
         self.eval()
         device = llm.device
         waves, lengths, single = self._load_batch(audio, sample_rate)
+        if isinstance(prompt, str):
+            prompts = [prompt] * waves.shape[0]
+        else:
+            prompts = list(prompt)
+            if len(prompts) != waves.shape[0]:
+                raise ConfigError(f"generate: {len(prompts)} prompts for {waves.shape[0]} clips; give one prompt, or one per clip")
         waves, lengths = waves.to(device), lengths.to(device)
         soft, soft_lengths = self(waves, lengths)
-        prompts = [prompt] * waves.shape[0]
         system = self.system_prompt if system is None else system
         batch = llm.encode(prompts, num_speech_tokens=soft_lengths.tolist(), system=system, padding_side="left").to(device)
         embeds = llm.embed(batch, soft, soft_lengths)

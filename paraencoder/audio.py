@@ -22,7 +22,7 @@ from torch import Tensor
 from paraencoder.errors import AudioError
 from paraencoder.io import atomic_write_bytes
 
-__all__ = ["SAMPLE_RATE", "MAX_SECONDS", "MIN_SAMPLES", "MAX_SAMPLE_RATE", "load_audio", "pad_waves", "write_audio", "audio_info"]
+__all__ = ["SAMPLE_RATE", "MAX_SECONDS", "MIN_SAMPLES", "MAX_SAMPLE_RATE", "load_audio", "pad_waves", "write_audio", "audio_info", "load_audio_bytes"]
 
 SAMPLE_RATE = 16000
 # Policy: a clip longer than this is refused rather than loaded (10 min of 16 kHz float32 is ~38 MB;
@@ -284,3 +284,35 @@ def write_audio(
     except Exception as exc:
         raise AudioError(path, f"cannot be encoded as {fmt} at {sample_rate} Hz ({exc})") from exc
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_audio_bytes(data: bytes, *, max_seconds: float = MAX_SECONDS, source: str = "<bytes>") -> np.ndarray:
+    """Decode an encoded clip held in memory (wav, flac, ogg, mp3: whatever libsndfile reads) like :func:`load_audio`.
+
+    The duration is checked from the header before any sample is decoded, so a request declaring
+    hours costs nothing. Raises :class:`AudioError` for undecodable, empty, non-finite, too short or
+    too long audio.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise AudioError(source, "is empty (0 bytes)")
+    _check_window(source, 0.0, None, max_seconds)
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as exc:  # libsndfile reports every unreadable stream as a generic error
+        raise AudioError(source, f"cannot be decoded as audio ({exc}); send wav, flac, ogg or mp3") from exc
+    if not 0 < info.samplerate <= MAX_SAMPLE_RATE or info.channels <= 0:
+        raise AudioError(source, f"has an invalid header (sample rate {info.samplerate}, {info.channels} channels)")
+    _window_frames(source, int(info.frames), int(info.samplerate), 0.0, None, max_seconds)
+    try:
+        block, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(source, f"is corrupt or truncated: decoding failed ({exc})") from exc
+    if block.shape[0] / rate > max_seconds:
+        raise _too_long(source, block.shape[0] / rate, max_seconds)
+    if block.shape[1] > 1:
+        with np.errstate(invalid="ignore", over="ignore"):
+            mono = block.mean(axis=1, dtype=np.float64)
+    else:
+        mono = block[:, 0]
+    wave = _to_mono_float(source, mono, channels_last=True)
+    return _resample(source, wave, int(rate))

@@ -10,7 +10,9 @@ A backbone spec is one of
 
 GGUF and CTranslate2 weights are converted once into a plain transformers directory under the cache
 (``$PARAENCODER_CACHE/backbones`` or ``~/.cache/paraencoder/backbones``), written into a temp
-directory and renamed into place, so later loads are ordinary safetensors loads. Nothing here ever
+directory and renamed into place, so later loads are ordinary safetensors loads. The converted
+directory is keyed by the sha256 of the source file's bytes, not its path: every venv with the same
+weights file shares one converted copy (the hash is memoised on path + size + mtime). Nothing here ever
 contacts a model hub (``local_files_only=True`` everywhere). Loads are memoized per process: the
 same spec and dtype give the same object, so the data module and the model share one LLM.
 
@@ -227,7 +229,22 @@ def weights_sha256(paths: Sequence[str | Path]) -> str:
 
 
 def _converted_dir(name: str, sources: Sequence[Path]) -> Path:
-    return cache_root() / f"{name}-{_key_digest(sources)[:16]}"
+    """``<cache>/<name>-<sha256 of the source bytes, 16 hex>``: keyed by content, not by path.
+
+    The same weights file in another venv (another path, another mtime) maps to the same directory,
+    so it is converted once per machine. The sha256 itself is memoised on path + size + mtime
+    (:func:`weights_sha256`), so only the first load of a file at a new path reads it. A
+    conversion cached by an older paraencoder under a path-keyed name is adopted (renamed).
+    """
+    target = cache_root() / f"{name}-{weights_sha256(sources)[:16]}"
+    if not (target / SOURCE_MARKER).is_file():
+        legacy = cache_root() / f"{name}-{_key_digest(sources)[:16]}"
+        if legacy != target and (legacy / SOURCE_MARKER).is_file():
+            with contextlib.suppress(OSError):
+                if target.exists():
+                    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover
+                os.replace(legacy, target)
+    return target
 
 
 def _build_once(target: Path, build, sources: Sequence[Path], fmt: str) -> tuple[Path, bool]:
@@ -241,7 +258,7 @@ def _build_once(target: Path, build, sources: Sequence[Path], fmt: str) -> tuple
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is a normal directory
         build(tmp)
-        atomic_write_json(tmp / SOURCE_MARKER, {"format": fmt, "sources": _file_key(sources), "created": time.time()})
+        atomic_write_json(tmp / SOURCE_MARKER, {"format": fmt, "sha256": weights_sha256(sources), "sources": _file_key(sources), "created": time.time()})
         if target.exists() and not (target / SOURCE_MARKER).is_file():
             shutil.rmtree(target, ignore_errors=True)  # leftover of an interrupted older layout
         try:
@@ -366,7 +383,11 @@ def _names(kind: str) -> str:
 def _memo(key: tuple, load):
     with _LOCK:
         if key not in _MEMO:
-            _MEMO[key] = load()
+            # Loading never draws from the global random generator: a first run that converts a
+            # backbone (building a randomly initialised model, then filling it) must train the same
+            # adapter, byte for byte, as a later run that finds the conversion cached.
+            with torch.random.fork_rng(devices=[]):
+                _MEMO[key] = load()
         return _MEMO[key]
 
 

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
     parser.add_argument("--retrain", action="store_true", help="train again even if an adapter exists")
     parser.add_argument("--eval-limit", type=int, default=None, help="at most this many clips per evaluation suite")
+    from paraencoder.threads import add_threads_argument
+
+    add_threads_argument(parser)
     args, extra = parser.parse_known_args(argv)
     data = args.data or _default_data()
     out = args.out
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         _fit(args.recipe, out, manifests["train"], steps, extra)
         timings["teacher replies + training"] = time.perf_counter() - t
         atomic_write_json(timings_path, timings)
+        print(f"[demo] adapter written to {adapter_dir} ({timings['teacher replies + training']:.0f} s)", flush=True)
     else:
         print(f"[demo] using the existing adapter in {adapter_dir} (--retrain to train again)")
 

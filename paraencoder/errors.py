@@ -50,3 +50,15 @@ class UnsafeFileError(ParaencoderError):
 
 class PromptError(ParaencoderError):
     """A prompt template that is unusable, e.g. it has no speech placeholder."""
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages stay short whatever the input holds.
+
+    Never raises (an integer past Python's 4300-digit ``str`` limit, a broken ``__repr__``).
+    """
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - any value must be describable
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -76,3 +76,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def check_writable(directory: str | os.PathLike, what: str) -> Path:
+    """Make sure files can be created in ``directory`` now (creating it if needed), before hours of work.
+
+    Creates and removes a hidden probe file. Raises :class:`ParaencoderError` naming ``what`` (e.g.
+    ``"the checkpoint directory"``), the path and the fix.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".paraencoder-write-check-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        error = _explain_os_error(directory, exc)
+        raise ParaencoderError(f"{what} {directory} is not usable: {error}") from exc
+    return directory

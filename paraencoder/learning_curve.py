@@ -19,7 +19,7 @@ import torch
 
 from paraencoder.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["HearingCurve", "stratified_sample", "ask_bank", "plot_curve"]
+__all__ = ["HearingCurve", "stratified_sample", "plot_curve"]
 
 _FIELDS = {"emotion": "emotion", "age": "age_group", "gender": "gender"}
 
@@ -39,50 +39,6 @@ def stratified_sample(utts: list, field: str, per_class: int, seed: int = 0) -> 
         group = sorted(by_class[label], key=lambda u: u.id)
         out += rng.sample(group, min(per_class, len(group)))
     return out
-
-
-def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = 16, naming_only: bool = True, seed: int = 0) -> dict:
-    """Ask each clip one question of ``QUESTION_BANK[attribute][split]`` (rotating phrasings); parsed accuracy.
-
-    ``split="trained"`` asks the original fixed phrasing only. Returns ``{"accuracy", "no_label", "n",
-    "per_phrasing": {text: accuracy}, "rows": [...]}``; yes/no questions are left out when
-    ``naming_only`` (their chance level is 50%, not 1/classes).
-    """
-    from paraencoder.audio import SAMPLE_RATE, load_audio
-    from paraencoder.eval.labels import score_answer
-    from paraencoder.prompts import QUESTION_BANK, TRAINED_PHRASING, question_slots
-
-    if split == "trained":
-        questions = [TRAINED_PHRASING[attribute]]
-    else:
-        questions = [q for q in QUESTION_BANK[attribute][split] if not (naming_only and q.form == "yesno")]
-    jobs: dict[str, list[tuple[int, object, dict]]] = {}
-    for i, u in enumerate(utts):
-        q = questions[i % len(questions)]
-        slots = question_slots(q, getattr(u, attribute), f"eval{seed}|{u.id}")
-        jobs.setdefault(q.student(**slots), []).append((i, q, slots))
-    rows: list[dict | None] = [None] * len(utts)
-    for prompt, items in jobs.items():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            waves = [load_audio(utts[i].audio, offset=utts[i].offset or 0.0, duration=utts[i].duration) for i, _, _ in chunk]
-            replies = adapter.generate(waves, prompt, sample_rate=SAMPLE_RATE, max_new_tokens=max_new_tokens)
-            for (i, q, slots), reply in zip(chunk, replies):
-                label = getattr(utts[i], attribute)
-                pred, correct = score_answer(attribute, q.form, reply, label, slots.get("candidate"))
-                rows[i] = {"id": utts[i].id, "label": label, "question": q.text, "form": q.form, "candidate": slots.get("candidate"), "reply": reply, "pred": pred, "correct": correct}
-    done = [r for r in rows if r is not None]
-    per: dict[str, list[bool]] = {}
-    for r in done:
-        per.setdefault(r["question"], []).append(r["correct"])
-    n = len(done)
-    return {
-        "accuracy": sum(r["correct"] for r in done) / n if n else None,
-        "no_label": sum(r["pred"] is None for r in done) / n if n else None,
-        "n": n,
-        "per_phrasing": {k: sum(v) / len(v) for k, v in per.items()},
-        "rows": done,
-    }
 
 
 class HearingCurve(L.Callback):
@@ -132,9 +88,14 @@ class HearingCurve(L.Callback):
         path = self._path(trainer, "curve.jsonl")
         if not self.rows and path.is_file():  # resumed: keep the rows already measured
             self.rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        wanted = {(task, split) for task in self.sets for split in self.phrasings}
+        if wanted <= {(r["task"], r["phrasing"]) for r in self.rows if r["step"] == step}:
+            return  # measured before this run was resumed: not redone
         start = time.perf_counter()
         for task, utts in self.sets.items():
             for split in self.phrasings:
+                from paraencoder.eval.phrasings import ask_bank
+
                 result = ask_bank(module.adapter, utts, _FIELDS[task], split, max_new_tokens=self.max_new_tokens)
                 self.rows.append({"step": step, "task": task, "phrasing": split, "accuracy": result["accuracy"], "no_label": result["no_label"], "n": result["n"]})
         self.rows = sorted({(r["step"], r["task"], r["phrasing"]): r for r in self.rows}.values(), key=lambda r: (r["step"], r["task"], r["phrasing"]))

@@ -7,7 +7,10 @@ Gradients still flow *through* it to the spliced soft tokens.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -50,6 +53,68 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _clip(text: str, limit: int = 120) -> str:
+    """``repr`` of ``text`` cut to ``limit`` characters, so an error message stays short for any input."""
+    shown = repr(text[:limit])
+    return shown + (f"... ({len(text)} characters)" if len(text) > limit else "")
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that no tokenizer can encode: a lone UTF-16 surrogate (e.g. ``"\\ud800"`` in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(
+            f"{what} holds a lone surrogate {text[exc.start]!r} at character {exc.start} ({_clip(text[max(0, exc.start - 20):exc.start + 20])}), "
+            "which is not valid Unicode text; fix the source (a broken \\ud8xx escape in JSON?)"
+        ) from None
+    return text
+
+
+def check_system_prompt(system_prompt: str | None) -> str | None:
+    """A system prompt is text without the speech placeholder (only user prompts carry speech)."""
+    if system_prompt is None:
+        return None
+    if not isinstance(system_prompt, str):
+        raise PromptError(f"system_prompt={system_prompt!r} must be a string or null")
+    check_text(system_prompt, "the system prompt")
+    if SPEECH in system_prompt:
+        raise PromptError(
+            f"the system prompt {_clip(system_prompt)} holds the speech placeholder {SPEECH!r}; only the user prompt "
+            f"carries speech: remove {SPEECH!r} from system_prompt (or from the adapter config's prompts.system)"
+        )
+    return system_prompt
+
+
+def _control_tokens(tokenizer) -> tuple[frozenset[int], tuple[str, ...]]:
+    """Ids of the tokenizer's special/control tokens, and the texts of all its added tokens."""
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None}
+    texts = []
+    for tid, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        content = str(getattr(token, "content", token))
+        if content:
+            texts.append(content)
+        if getattr(token, "special", True):
+            ids.add(int(tid))
+    ids.discard(tokenizer.unk_token_id)
+    # Longest first, so a token that contains another is split before the shorter one is looked for.
+    return frozenset(ids), tuple(sorted(set(texts), key=lambda t: (-len(t), t)))
+
+
+def _split_occurrences(text: str, token: str) -> list[str]:
+    """``text`` cut after the first character of every occurrence of ``token``: no piece holds it whole."""
+    if len(token) < 2:
+        return [text]
+    pieces, start = [], 0
+    index = text.find(token)
+    while index >= 0:
+        pieces.append(text[start : index + 1])
+        start = index + 1
+        index = text.find(token, start)
+    pieces.append(text[start:])
+    return pieces
+
+
 class FrozenLLM:
     """A transformers causal LM that never trains.
 
@@ -71,7 +136,7 @@ class FrozenLLM:
             tokenizer.pad_token = tokenizer.eos_token
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = _FALLBACK_TEMPLATE
-        self.system_prompt = system_prompt
+        self.system_prompt = check_system_prompt(system_prompt)
         config = model.config
         self.hidden_size = int(getattr(config, "hidden_size", None) or config.get_text_config().hidden_size)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -84,6 +149,18 @@ class FrozenLLM:
             ident["weights_sha256"] = weights_fingerprint(model)
         self.identity = ident
         self._end_ids = self._stop_token_ids()
+        self._control_ids, self._added_texts = _control_tokens(tokenizer)
+
+    def with_system_prompt(self, system_prompt: str | None) -> "FrozenLLM":
+        """A view of this LLM (the same model, tokenizer and identity) whose default system prompt is ``system_prompt``.
+
+        ``backbones.resolve_llm`` memoises and shares one object per spec, so per-adapter or per-run
+        prompt state goes on a view and never onto the shared object (where it would leak into every
+        adapter loaded after it).
+        """
+        view = copy.copy(self)
+        view.system_prompt = check_system_prompt(system_prompt)
+        return view
 
     # -- placement -----------------------------------------------------------------------------
     @property
@@ -129,8 +206,7 @@ class FrozenLLM:
         return int(self.tokenizer.eos_token_id)
 
     # -- prompts -------------------------------------------------------------------------------
-    def render(self, user: str, *, system: str | None = None, history: Sequence[tuple[str, str]] = ()) -> str:
-        """The chat-template text of a prompt, ending where the assistant's reply begins."""
+    def _messages(self, user: str, system: str | None, history: Sequence[tuple[str, str]]) -> list[dict]:
         messages = []
         system = self.system_prompt if system is None else system
         if system:
@@ -139,10 +215,122 @@ class FrozenLLM:
             messages.append({"role": "user", "content": user_turn})
             messages.append({"role": "assistant", "content": assistant_turn})
         messages.append({"role": "user", "content": user})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return messages
+
+    def _apply_template(self, messages: list[dict]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja2 TemplateError, or a template's own raise_exception()
+            roles = [m["role"] for m in messages]
+            hint = "; this template has no system role: set system_prompt=None" if "system" in roles else ""
+            raise PromptError(
+                f"the chat template of LLM {self.identity.get('name')!r} cannot render messages with roles {roles} "
+                f"({type(exc).__name__}: {str(exc)[:200]}){hint}"
+            ) from None
+
+    def render(self, user: str, *, system: str | None = None, history: Sequence[tuple[str, str]] = ()) -> str:
+        """The chat-template text of a prompt, ending where the assistant's reply begins.
+
+        For display only: tokenising this string would turn control tokens written *inside* the
+        messages into real ones. :meth:`encode` tokenises :meth:`render_segments` instead.
+        """
+        return self._apply_template(self._messages(user, system, history))
+
+    def render_segments(
+        self, user: str, *, system: str | None = None, history: Sequence[tuple[str, str]] = (), where: str = "prompt"
+    ) -> list[tuple[str, bool]]:
+        """The rendered prompt as ``(text, is_message_content)`` pieces, in order.
+
+        Message contents (system prompt, history turns, the user prompt with its transcript) come
+        from users and data; :meth:`encode` tokenises them as plain text (:meth:`text_ids`), so
+        ``<|im_end|>`` or ``<|eot_id|>`` written in a transcript stays text and cannot close a turn.
+        Only the template's own text is tokenised with its special tokens.
+
+        The template is rendered once with a unique marker in place of each content, which gives
+        the turn structure; the real rendering then tells how the template wrote each content (as
+        is, or trimmed, as Llama-3 and Gemma templates do). A template that rewrites contents in
+        another way keeps the marker structure with the contents as given.
+        """
+        messages = self._messages(user, system, history)
+        contents = [m["content"] for m in messages]
+        for k, (message, content) in enumerate(zip(messages, contents)):
+            what = "the system prompt" if message["role"] == "system" else f"{where} history turn {k}"
+            if k == len(messages) - 1:
+                what = where
+            if not isinstance(content, str):
+                raise PromptError(f"{what} is a {type(content).__name__}, not a string")
+            check_text(content, what)
+            if k < len(messages) - 1 and SPEECH in content:
+                raise PromptError(
+                    f"{what} holds the speech placeholder {SPEECH!r} ({_clip(content)}); only the user prompt may "
+                    f"hold it: remove it from the system prompt or history"
+                )
+        nonce = uuid.uuid4().hex
+        while any(nonce in c for c in contents):  # pragma: no cover - a 128-bit collision
+            nonce = uuid.uuid4().hex
+        marked = [{**m, "content": f"\ue000{nonce}:{k}\ue001"} for k, m in enumerate(messages)]
+        skeleton = re.split("\ue000" + nonce + r":(\d+)\ue001", self._apply_template(marked))
+        templates, order = skeleton[0::2], [int(k) for k in skeleton[1::2]]
+        real = self._apply_template(messages)
+        pieces = self._match_contents(real, templates, [contents[k] for k in order])
+        segments = [(templates[0], False)]
+        for piece, template in zip(pieces, templates[1:]):
+            segments += [(piece, True), (template, False)]
+        segments = [(text, is_content) for text, is_content in segments if text]
+        placed = sum(text.count(SPEECH) for text, is_content in segments if is_content)
+        if placed != user.count(SPEECH):
+            raise PromptError(
+                f"the chat template of LLM {self.identity.get('name')!r} writes the user prompt {placed} times; "
+                f"{where} {_clip(user)} cannot hold the speech placeholder {SPEECH!r} in it"
+            )
+        return segments
+
+    @staticmethod
+    def _match_contents(real: str, templates: list[str], contents: list[str]) -> list[str]:
+        """How the real rendering wrote each content between the template pieces (as is or trimmed)."""
+        if not real.startswith(templates[0]):
+            return contents
+        pos, found = len(templates[0]), []
+        for j, content in enumerate(contents):
+            following = templates[j + 1]
+            last = j == len(contents) - 1
+            for candidate in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+                end = pos + len(candidate)
+                if real.startswith(candidate, pos) and real.startswith(following, end) and (not last or end + len(following) == len(real)):
+                    found.append(candidate)
+                    pos = end + len(following)
+                    break
+            else:
+                return contents
+        return found
 
     def _ids(self, text: str) -> list[int]:
+        """Token ids of template text (its special tokens are parsed)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def text_ids(self, text: str, *, what: str = "text") -> list[int]:
+        """Token ids of user-supplied text, which never include a special or added control token.
+
+        Special tokens written as text (``<|im_end|>``) are tokenised as their characters; an added
+        token's text is split after its first character so the tokenizer cannot match it whole.
+        """
+        check_text(text, what)
+        pieces = [text]
+        for token in self._added_texts:
+            if any(token in piece for piece in pieces):
+                pieces = [part for piece in pieces for part in _split_occurrences(piece, token)]
+        ids: list[int] = []
+        for piece in pieces:
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        bad = sorted({i for i in ids if i in self._control_ids})
+        if bad:
+            raise PromptError(
+                f"{what} {_clip(text)} tokenises to control token(s) "
+                f"{[self.tokenizer.convert_ids_to_tokens(i) for i in bad[:5]]} of LLM {self.identity.get('name')!r} "
+                "even as plain text; remove them from the text"
+            )
+        return ids
 
     def encode(
         self,
@@ -154,37 +342,50 @@ class FrozenLLM:
         histories: Sequence[Sequence[tuple[str, str]]] | None = None,
         padding_side: str = "right",
         require_speech: bool | None = None,
+        sources: Sequence[str] | None = None,
     ) -> PromptBatch:
         """Render and tokenize a batch of user prompts (each may hold one ``<speech>`` placeholder).
 
         ``num_speech_tokens[i]`` slots are reserved at example i's placeholder. With ``replies``, the
         reply tokens plus the end-of-turn token follow the prompt and become the labels.
+        Message contents and replies are tokenised as text: no control token can come from them
+        (:meth:`render_segments`). ``sources[i]`` names where prompt i came from in errors
+        (e.g. ``"manifest.jsonl:12"``; default ``"prompt i"``).
         """
         if require_speech is None:
             require_speech = num_speech_tokens is not None
         rows, speech_rows, label_rows, starts = [], [], [], []
+        names = list(sources) if sources is not None and len(sources) == len(prompts) else [f"prompt {i}" for i in range(len(prompts))]
         for i, user in enumerate(prompts):
+            if not isinstance(user, str):
+                raise PromptError(f"{names[i]} is a {type(user).__name__}, not a string")
             count = user.count(SPEECH)
             if require_speech and count != 1:
                 raise PromptError(
-                    f"prompt {i} {user!r} must contain the speech placeholder {SPEECH!r} exactly once (found {count})"
+                    f"{names[i]} {_clip(user)} must contain the speech placeholder {SPEECH!r} exactly once (found {count})"
                 )
             if not require_speech and count:
-                raise PromptError(f"prompt {i} {user!r} has a {SPEECH!r} placeholder but no audio was given")
-            text = self.render(user, system=system, history=histories[i] if histories else ())
-            if count:
-                before, after = (self._ids(part) for part in text.split(SPEECH))
-                n = int(num_speech_tokens[i])  # type: ignore[index]
-                ids = before + [self.tokenizer.pad_token_id] * n + after
-                speech = [False] * len(before) + [True] * n + [False] * len(after)
-            else:
-                ids = self._ids(text)
-                speech = [False] * len(ids)
+                raise PromptError(
+                    f"{names[i]} {_clip(user)} has a {SPEECH!r} placeholder but no audio was given "
+                    f"(a transcript or question holding {SPEECH!r}? remove it from the data)"
+                )
+            segments = self.render_segments(user, system=system, history=histories[i] if histories else (), where=names[i])
+            ids, speech = [], []
+            for text, is_content in segments:
+                parts = text.split(SPEECH) if is_content else [text]
+                for j, part in enumerate(parts):
+                    if j:  # the placeholder: reserve the soft-token slots
+                        n = int(num_speech_tokens[i])  # type: ignore[index]
+                        ids += [self.tokenizer.pad_token_id] * n
+                        speech += [True] * n
+                    part_ids = self.text_ids(part, what=names[i]) if is_content else self._ids(part)
+                    ids += part_ids
+                    speech += [False] * len(part_ids)
             labels = [-100] * len(ids)
             starts.append(len(ids))
             if replies is not None:
                 reply = replies[i]
-                reply_ids = self._ids(reply) if isinstance(reply, str) else list(reply)
+                reply_ids = self.text_ids(reply, what=f"the reply to {names[i]}") if isinstance(reply, str) else list(reply)
                 reply_ids = reply_ids + [self.end_of_turn_id]
                 ids = ids + reply_ids
                 speech = speech + [False] * len(reply_ids)
@@ -266,9 +467,19 @@ class FrozenLLM:
         generator_seed: int | None = None,
         return_ids: bool = False,
     ):
-        """Generate from left-padded ``inputs_embeds`` (KV-cached). Returns decoded strings (and ids)."""
+        """Generate from left-padded ``inputs_embeds`` (KV-cached). Returns decoded strings (and ids).
+
+        ``generator_seed`` seeds the sampling only: the global random generator is restored after
+        (whether replies were generated or found cached must not change what a run draws later).
+        """
         if generator_seed is not None:
-            torch.manual_seed(generator_seed)
+            device = self.device
+            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+                torch.manual_seed(generator_seed)
+                return self.generate_embeds(
+                    inputs_embeds, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature, top_p=top_p, return_ids=return_ids,
+                )
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._end_ids)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
@@ -292,3 +503,72 @@ class FrozenLLM:
         """Teacher-side generation from text prompts (no speech)."""
         batch = self.encode(prompts, system=system, histories=histories, padding_side="left", require_speech=False).to(self.device)
         return self.generate_embeds(self.embed(batch), batch.attention_mask, **gen)
+
+    # -- dialogues: several clips per prompt, speech in earlier turns --------------------------
+    def encode_dialogues(
+        self,
+        dialogues: Sequence[Sequence[dict]],
+        *,
+        num_speech_tokens: Sequence[Sequence[int]],
+        system: str | None = None,
+        systems: Sequence[str | None] | None = None,
+        padding_side: str = "left",
+    ) -> PromptBatch:
+        """Like :meth:`encode` for whole dialogues, each holding any number of ``<speech>`` placeholders.
+
+        A dialogue is a list of ``{"role": "user" | "assistant", "content": str}`` turns, alternating
+        and ending with a user turn; the prompt ends where the assistant's next reply begins.
+        ``num_speech_tokens[i][k]`` slots are reserved at dialogue i's k-th placeholder (reading
+        order, across all turns). ``systems[i]`` (or ``system`` for all) overrides the default
+        system prompt. A one-turn dialogue renders exactly as :meth:`encode` renders that prompt.
+        """
+        rows, speech_rows = [], []
+        for i, turns in enumerate(dialogues):
+            turns = list(turns)
+            if not turns or len(turns) % 2 == 0:
+                raise PromptError(f"dialogue {i} has {len(turns)} turns; it must alternate user/assistant and end with a user turn")
+            for j, turn in enumerate(turns):
+                want = "user" if j % 2 == 0 else "assistant"
+                if turn.get("role") != want or not isinstance(turn.get("content"), str):
+                    raise PromptError(f"dialogue {i} turn {j} must be a {want} turn with text content, got role {turn.get('role')!r}")
+                if want == "assistant" and SPEECH in turn["content"]:
+                    raise PromptError(f"dialogue {i} turn {j}: assistant turns cannot hold {SPEECH!r}")
+            # Speech in earlier turns: render_segments lets only the last user turn hold <speech>,
+            # so history placeholders travel as a private marker and become slots here. Contents are
+            # tokenised as text (text_ids), the template with its special tokens (_ids), as in encode.
+            marker = f"\ue010{uuid.uuid4().hex}\ue011"
+            history = [(turns[j]["content"].replace(SPEECH, marker), turns[j + 1]["content"]) for j in range(0, len(turns) - 1, 2)]
+            sys_i = systems[i] if systems is not None else system
+            where = f"dialogue {i}"
+            segments = self.render_segments(turns[-1]["content"], system=sys_i, history=history, where=where)
+            counts = [int(n) for n in num_speech_tokens[i]]
+            slots = sum(len(re.findall(re.escape(SPEECH) + "|" + re.escape(marker), text)) for text, is_content in segments if is_content)
+            if slots != len(counts):
+                raise PromptError(f"{where} has {slots} {SPEECH!r} placeholders but {len(counts)} clips")
+            ids, speech, k = [], [], 0
+            for text, is_content in segments:
+                parts = re.split(re.escape(SPEECH) + "|" + re.escape(marker), text) if is_content else [text]
+                for j, part in enumerate(parts):
+                    if j:
+                        ids += [self.tokenizer.pad_token_id] * counts[k]
+                        speech += [True] * counts[k]
+                        k += 1
+                    part_ids = self.text_ids(part, what=where) if is_content else self._ids(part)
+                    ids += part_ids
+                    speech += [False] * len(part_ids)
+            rows.append(ids)
+            speech_rows.append(speech)
+        width = max(len(r) for r in rows)
+        b = len(rows)
+        input_ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((b, width), dtype=torch.long)
+        speech_mask = torch.zeros((b, width), dtype=torch.bool)
+        starts = []
+        for i, (ids, sp) in enumerate(zip(rows, speech_rows)):
+            n = len(ids)
+            sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            input_ids[i, sl] = torch.tensor(ids)
+            attention[i, sl] = 1
+            speech_mask[i, sl] = torch.tensor(sp)
+            starts.append(width if padding_side == "left" else n)
+        return PromptBatch(input_ids, attention, speech_mask, None, starts)

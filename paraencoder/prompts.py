@@ -149,12 +149,18 @@ LABEL_WORDS: dict[str, dict[str, str]] = {
 
 QUESTION_FORMATS = ("word", "sentence", "open", "choice", "yesno")
 
-# The premise the teacher is told before the question (the student hears only the voice).
+# The premise the teacher is told before the question (the student hears only the voice). It states
+# the attribute and not the words: the answer to "how does the speaker feel?" must not depend on what
+# was said, so every clip of a class gets the same target, and the teacher writes one reply per
+# (class, phrasing, slots) instead of one per clip (~150 generations for RAVDESS + speechocean762
+# instead of ~2,000 when each transcript was quoted).
 _PREMISES = {
-    "emotion": 'The speaker said "{transcript}" in a {word} voice, so the speaker is feeling {word}. ',
-    "age_group": 'This was said by {word}: "{transcript}", so the speaker is {word}. ',
-    "gender": 'A {word} speaker said "{transcript}", so the speaker is {word}. ',
+    "emotion": "The speaker said something in a {word} voice, so the speaker is feeling {word}. ",
+    "age_group": "This was said by {word}, so the speaker is {word}. ",
+    "gender": "A {word} speaker said this, so the speaker is {word}. ",
 }
+CHOICE_ORDERS = 4
+"""Multiple-choice questions list the classes in one of this many fixed orders (position is no cue)."""
 
 
 @dataclass(frozen=True)
@@ -182,9 +188,10 @@ class Question:
     def student(self, **slots) -> str:
         return f"{SPEECH}\n{self.render(**slots)}"
 
-    def teacher(self, transcript: str, label: str, **slots) -> str:
+    def teacher(self, label: str, **slots) -> str:
+        """The teacher's prompt: the attribute stated as a premise, then the same question."""
         word = LABEL_WORDS[self.attribute].get(label, label)
-        return _PREMISES[self.attribute].format(transcript=transcript, word=word) + self.render(**slots)
+        return _PREMISES[self.attribute].format(word=word) + self.render(**slots)
 
 
 def _bank(attribute: str, items: list[tuple[str, str]]) -> tuple[Question, ...]:
@@ -260,6 +267,10 @@ def question_slots(question: Question, label: str, seed: str) -> dict:
         wrong = [c for c in classes if c != label]
         return {"candidate": label if rng.random() < 0.5 or not wrong else rng.choice(wrong)}
     if question.form == "choice":
-        rng.shuffle(classes)
-        return {"order": classes}
+        orders = []
+        for k in range(CHOICE_ORDERS):
+            order = list(classes)
+            random.Random(f"{question.text}|order{k}").shuffle(order)
+            orders.append(order)
+        return {"order": rng.choice(orders)}
     return {}

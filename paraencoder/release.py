@@ -37,9 +37,64 @@ def _confusion_table(view: dict) -> list[str]:
     return lines
 
 
+# Hub ids of the packaged backbones and the corpora the quickstart trains on (for the card's metadata).
+HUB_MODELS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "whisper-base": "openai/whisper-base",
+    "whisper-tiny.en": "openai/whisper-tiny.en",
+}
+HUB_DATASETS = {"ravdess": "narad/ravdess", "speechocean762": "mispeech/speechocean762"}
+_EVAL_SETS = {
+    "emotion": ("ravdess", "RAVDESS actors 17-20", "audio-classification", "Emotion named in the LLM's reply"),
+    "empathy": ("ravdess", "RAVDESS actors 17-20", "audio-text-to-text", "Empathic reply sentiment agreement"),
+    "age": ("speechocean762", "speechocean762 held-out speakers", "audio-classification", "Child/adult named in the LLM's reply"),
+}
+
+
+def card_metadata(name: str, config: dict, evals: dict[str, dict], *, license: str = "cc-by-nc-sa-4.0", datasets: list[str] | None = None) -> dict:
+    """The model card's front matter, as the Hub reads it: library, base models, datasets, licence, metrics.
+
+    ``license`` defaults to RAVDESS's CC BY-NC-SA 4.0 (the adapter is trained on it, so it inherits
+    the non-commercial share-alike terms). Metrics go in ``model-index`` (one result per suite,
+    the speech view's accuracy / macro-F1 / agreement as fractions).
+    """
+    base = []
+    for spec in (config.get("llm", {}).get("name"), (config.get("encoder") or {}).get("spec")):
+        if spec:
+            base.append(HUB_MODELS.get(str(spec), str(spec)))
+    results = []
+    for suite, result in evals.items():
+        corpus, set_name, task, task_name = _EVAL_SETS.get(suite, (suite, suite, "audio-text-to-text", suite))
+        speech = (result.get("metrics") or {}).get("speech") or {}
+        metrics = []
+        for key in ("agreement",) if suite == "empathy" else ("accuracy", "macro_f1"):
+            if isinstance(speech.get(key), (int, float)):
+                metrics.append({"type": "f1" if key == "macro_f1" else key, "value": round(float(speech[key]), 4), "name": f"{suite} {key.replace('_', '-')} (speech)"})
+        if metrics:
+            results.append({"task": {"type": task, "name": task_name}, "dataset": {"type": HUB_DATASETS.get(corpus, corpus), "name": set_name}, "metrics": metrics})
+    meta = {
+        "library_name": "paraencoder",
+        "license": license,
+        "base_model": base,
+        "datasets": datasets if datasets is not None else [HUB_DATASETS["ravdess"], HUB_DATASETS["speechocean762"]],
+        "language": ["en"],
+        "pipeline_tag": "audio-text-to-text",
+        "tags": ["speech", "paralinguistics", "speech-adapter", "soft-prompt", "emotion-recognition"],
+    }
+    if results:
+        meta["model-index"] = [{"name": name, "results": results}]
+    return meta
+
+
+def front_matter(meta: dict) -> str:
+    import yaml
+
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
 def model_card(name: str, config: dict, evals: dict[str, dict], timings: dict) -> str:
     training = config.get("training", {})
-    lines = [f"# {name}", ""]
+    lines = [front_matter(card_metadata(name, config, evals)), f"# {name}", ""]
     lines += [
         "A paraencoder speech adapter: Whisper-base encoder (frozen) + a trained layer mix and projector "
         "that turn speech into soft tokens for **frozen SmolLM2-135M-Instruct**. Trained by behavioral "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from paraencoder.adapter import SpeechAdapter
 from paraencoder.data.dataset import AlignmentDataset, AlignmentExample, attach_teacher_replies, build_examples, collate
@@ -46,6 +47,74 @@ def explain_out_of_memory(exc: BaseException, module, batch: dict | None = None)
         hints.append("use trainer.precision=bf16-mixed and model.llm_dtype=bfloat16")
     hints.append("lower model.chunk_size (reply tokens per LM-head chunk)")
     return ConfigError(f"out of memory on {module.device}{where}: " + "; ".join(hints) + f". ({str(exc).splitlines()[0][:200]})")
+
+
+class VerifiedCheckpointIO(CheckpointIO):
+    """Checkpoint IO that makes a failed save loud.
+
+    Lightning's ``_atomic_save`` swallows a ``PermissionError`` from the filesystem (it re-raises
+    only cross-device errors), so a periodic checkpoint into a directory that became unwritable
+    mid-run is skipped silently and the run exits 0. This wrapper checks the directory first and
+    verifies after the save that the file was really (re)written; otherwise it raises.
+    """
+
+    def __init__(self, inner: CheckpointIO):
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from paraencoder.errors import ParaencoderError
+        from paraencoder.io import check_writable
+
+        path = Path(path)
+        if "://" not in str(path):  # local paths only; remote filesystems report their own errors
+            check_writable(path.parent, "the checkpoint directory")
+        before = _file_identity(path)
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        after = _file_identity(path)
+        if "://" not in str(path) and (after is None or after == before):
+            raise ParaencoderError(
+                f"checkpoint {path} was not written (the save failed without an error; is {path.parent} still "
+                "writable and is there free space?); the run stops here so no further work goes unsaved: fix the "
+                "directory and resume with --ckpt_path last"
+            )
+
+    def load_checkpoint(self, path, map_location=None, **kwargs):
+        return self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
+
+    def remove_checkpoint(self, path) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def check_output_locations(trainer, export_dir: str | os.PathLike) -> list[Path]:
+    """Check, before the first step, that every place the run writes to is writable, and make
+    checkpoint saves verified (:class:`VerifiedCheckpointIO`). Returns the directories checked."""
+    from paraencoder.io import check_writable
+
+    if not trainer.is_global_zero:
+        return []
+    checked = [check_writable(export_dir, "the adapter export directory (model.export_dir)")]
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None):
+            checked.append(check_writable(callback.dirpath, "the checkpoint directory (ModelCheckpoint.dirpath)"))
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir:
+            checked.append(check_writable(log_dir, f"the log directory of {type(logger).__name__}"))
+    strategy = trainer.strategy
+    if not isinstance(strategy.checkpoint_io, VerifiedCheckpointIO):
+        strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
+    return checked
 
 
 class AlignmentModule(L.LightningModule):
@@ -179,6 +248,12 @@ class AlignmentModule(L.LightningModule):
     # -- placement: the LLM is not a submodule, so move it by hand --------------------------------
     def on_fit_start(self) -> None:
         self.llm.to(self.device)
+        if self.trainer is not None:
+            check_output_locations(self.trainer, self.export_target())
+
+    def export_target(self) -> str:
+        """Where :meth:`on_train_end` writes the adapter."""
+        return self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
 
     def on_validation_start(self) -> None:
         self.llm.to(self.device)
@@ -209,6 +284,7 @@ class AlignmentModule(L.LightningModule):
             replies=replies,
             system=examples[0].system if examples else None,
             histories=histories,
+            sources=[f"utterance {ex.utt_id!r} ({ex.task}, {ex.audio})" for ex in examples],
         ).to(self.device)
         embeds = self.llm.embed(enc, soft, soft_lengths)
         return enc, embeds
@@ -286,7 +362,10 @@ class AlignmentModule(L.LightningModule):
     def teacher_hidden(self, examples: list[AlignmentExample], replies) -> torch.Tensor:
         """The teacher's hidden states at the same reply tokens, from its text prompt (no gradient)."""
         with torch.no_grad():
-            enc = self.llm.encode([ex.teacher_prompt for ex in examples], replies=replies, system=examples[0].system).to(self.device)
+            enc = self.llm.encode(
+                [ex.teacher_prompt for ex in examples], replies=replies, system=examples[0].system,
+                sources=[f"teacher prompt of utterance {ex.utt_id!r} ({ex.task})" for ex in examples],
+            ).to(self.device)
             hidden = self.llm.hidden_states(self.llm.embed(enc), enc.attention_mask)
             h, _ = self.response_hidden(hidden, enc.labels)
         return h
@@ -397,7 +476,7 @@ class AlignmentModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
-        target = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
+        target = self.export_target()
         training = {**self.hparams, "global_step": self.trainer.global_step if self.trainer else None}
         self.adapter.save_pretrained(target, extra_config={"training": training})
         print(f"adapter written to {target}")
@@ -461,6 +540,13 @@ class AlignmentData(L.LightningDataModule):
             parse to the right answer: the student never learns a wrong target. Counts are printed.
         system_prompt: system message of the teacher prompts (linked from ``model.system_prompt``;
             ``None`` = the model's, when a trainer attaches one, else the template's default).
+        bad_items: what to do with manifest items that cannot be trained on (schema errors, missing,
+            truncated or non-finite audio, clips under 25 ms or over 10 min, ``<speech>`` in a
+            transcript), found by decoding every clip before training: ``"fail"`` (default: stop
+            before the first step with the file, line and reason of each), ``"skip"`` (train on the
+            rest and write every bad item to ``bad_items_report``) or ``"off"`` (no check up front).
+        bad_items_report: JSONL file for the skipped items (default
+            ``<log dir>/bad_items-<manifest name>.jsonl``).
     """
 
     def __init__(
@@ -485,8 +571,12 @@ class AlignmentData(L.LightningDataModule):
         questions_per_item: int = 0,
         filter_teacher: bool = True,
         system_prompt: str | None = None,
+        bad_items: str = "fail",
+        bad_items_report: str | None = None,
     ):
         super().__init__()
+        if bad_items not in ("fail", "skip", "off"):
+            raise ConfigError(f"data.bad_items={bad_items!r}; choose fail (stop on the first bad item), skip (train without them, listed in a report) or off")
         self.save_hyperparameters()
         self.train_set: AlignmentDataset | None = None
         self.val_set: AlignmentDataset | None = None
@@ -495,7 +585,7 @@ class AlignmentData(L.LightningDataModule):
         from paraencoder import backbones
         from paraencoder.data.manifest import load_manifest
 
-        utts = load_manifest(manifest)
+        utts = self._good_utterances(manifest) if self.hparams.get("bad_items", "fail") != "off" else load_manifest(manifest)
         tasks = get_tasks(self.hparams.tasks)
         banked: list[str] = []
         if self.hparams.questions_per_item > 0:
@@ -553,6 +643,32 @@ class AlignmentData(L.LightningDataModule):
             # The target is the frozen LLM's own answer given transcript + metadata (behavioral alignment).
             extra += qa_examples(with_emotion, qa, reply="teacher")
         return extra
+
+    def _good_utterances(self, manifest: str) -> list:
+        """The manifest's utterances after decoding every clip: fail on bad items, or skip and report them."""
+        from paraencoder.data.manifest import validate_manifest
+        from paraencoder.errors import ManifestError
+
+        report = validate_manifest(manifest, check_audio=True, decode=True, max_bad_fraction=1.0, vocabularies={}, progress=True)
+        if not report.issues:
+            return report.utterances
+        listed = "; ".join(str(issue) for issue in report.issues[:5]) + (f" (and {len(report.issues) - 5} more)" if len(report.issues) > 5 else "")
+        if self.hparams.bad_items == "fail":
+            first = report.issues[0]
+            raise ManifestError(
+                manifest, first.line, first.field,
+                f"{report.bad_items} of {report.total} items cannot be trained on: {listed}. Fix them (paraencoder data "
+                "validate lists all), or set data.bad_items=skip to train without them (they are written to a report)",
+            )
+        target = self.hparams.bad_items_report
+        if not target:
+            log_dir = getattr(self.trainer, "log_dir", None) if self.trainer is not None else None
+            target = Path(log_dir or ".") / f"bad_items-{Path(manifest).stem}.jsonl"
+        report.write_issues(target)
+        print(f"{manifest}: skipping {report.bad_items} of {report.total} bad items (data.bad_items=skip), listed in {target}: {listed}")
+        if not report.utterances:
+            raise ManifestError(manifest, None, None, f"all {report.total} items are bad; see {target}")
+        return report.utterances
 
     def system_prompt(self) -> str | None:
         """The teacher's system prompt: this module's, else the attached model's (they must agree)."""
@@ -615,21 +731,71 @@ class AlignmentData(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, module_class: type | None = None) -> Path:
+def load_checkpoint_safely(checkpoint: str | os.PathLike, *, trust: bool = False) -> dict:
+    """A Lightning checkpoint loaded without unpickling arbitrary objects where possible.
+
+    paraencoder's own checkpoints hold only tensors, numbers, strings, lists and dicts, so
+    ``torch.load(weights_only=True)`` reads them and a hostile file cannot run code. A checkpoint
+    that needs full unpickling (custom classes in its hyper-parameters or callback state) is
+    refused unless ``trust=True``, which warns: unpickling can run any code the file holds.
+    """
+    import pickle
+    import warnings
+
+    from paraencoder.errors import UnsafeFileError
+
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        globals_ = [line.strip() for line in str(exc).splitlines() if "global" in line.lower() and "unsupported" in line.lower()]
+        if not globals_:  # not a checkpoint: random bytes, a truncated file, a pickle of something else
+            reason = next((line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()), str(exc).splitlines()[0] if str(exc) else "")
+            raise UnsafeFileError(f"{checkpoint} is not a readable checkpoint ({reason[:200]})") from None
+        if not trust:
+            detail = globals_[0][:200]
+            raise UnsafeFileError(
+                f"{checkpoint} holds Python objects beyond tensors and plain values ({detail}); loading it would "
+                "unpickle them, which can run arbitrary code. If you wrote it yourself, pass --trust-checkpoint "
+                "(export_checkpoint(..., trust_checkpoint=True)); never do so for a downloaded checkpoint"
+            ) from None
+    except Exception as exc:  # noqa: BLE001 - damaged bytes make the unpickler raise anything (KeyError, EOFError, ...)
+        raise UnsafeFileError(f"{checkpoint} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    warnings.warn(f"unpickling {checkpoint} with weights_only=False (--trust-checkpoint): only do this for your own runs", stacklevel=2)
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, module_class: type | None = None, trust_checkpoint: bool = False
+) -> Path:
     """Write the adapter held in a Lightning checkpoint as a released adapter (safetensors + JSON).
 
-    Lightning ``.ckpt`` files are pickles: load only checkpoints you trust (your own runs). The
-    adapter written here is safetensors + JSON, safe to share.
+    The checkpoint is read with ``weights_only=True`` (no arbitrary unpickling); one that needs more
+    is refused unless ``trust_checkpoint`` (:func:`load_checkpoint_safely`). It must hold every
+    tensor the adapter trains: an empty or partial state dict would export an untrained adapter.
+    The adapter written here is safetensors + JSON, safe to share.
     """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_safely(checkpoint, trust=trust_checkpoint)
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{checkpoint} is not a Lightning checkpoint (a {type(ckpt).__name__}, not a dict)")
     hparams = dict(ckpt.get("hyper_parameters") or {})
     if not hparams:
         raise ConfigError(f"{checkpoint} has no hyper_parameters; it was not written by a paraencoder training run")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise ConfigError(f"{checkpoint} has an empty state_dict: it holds no trained weights, and exporting it would write an untrained adapter")
     cls = module_class or AlignmentModule
     known = set(inspect.signature(cls.__init__).parameters) - {"self"}
     module = cls(**{k: v for k, v in hparams.items() if k in known})
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected:
         raise ConfigError(f"{checkpoint} holds tensors {unexpected[:5]} that {cls.__name__} does not have")
+    trained = {f"adapter.{k}" for k in module.adapter.trainable_state_dict()}
+    untrained = sorted(trained & set(missing))
+    if untrained:
+        raise ConfigError(
+            f"{checkpoint} lacks {len(untrained)} of the adapter's {len(trained)} trained tensors (e.g. {untrained[:3]}); "
+            f"exporting it would write untrained weights. Use a checkpoint written by paraencoder fit with the same "
+            f"model settings (--module names the class that wrote it; now {cls.__name__})"
+        )
     step = ckpt.get("global_step")
     return module.adapter.save_pretrained(out_dir, extra_config={"training": {**hparams, "global_step": step, "checkpoint": str(checkpoint)}})

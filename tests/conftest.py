@@ -13,7 +13,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+# The commands' thread policy (usable cores minus other busy processes, at least 1; or
+# $PARAENCODER_THREADS / $OMP_NUM_THREADS): a fixed 2 threads made the suite crawl on a shared CPU.
+from paraencoder.threads import set_threads  # noqa: E402
+
+set_threads()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PARAENCODER_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -179,3 +179,46 @@ def test_packaged_smollm2_gguf_cached(private_cache):
     emb_a, emb_b = first.model.get_input_embeddings().weight, second.model.get_input_embeddings().weight
     assert torch.equal(emb_a, emb_b)
     assert np.isfinite(emb_b.detach().numpy()).all()
+
+
+def test_conversion_cache_keyed_by_content_shared_across_venvs(tmp_path, tiny_whisper_dir, private_cache):
+    """The same CTranslate2 file in two venvs (other paths, other mtimes) is converted once."""
+    import os
+    import shutil
+
+    from transformers import WhisperForConditionalGeneration
+
+    reference = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir, local_files_only=True).eval()
+    blob = ct2_bytes(hf_to_ct2_variables(reference), {"decoder/projection/weight": "decoder/embeddings/weight"})
+    copies = []
+    for venv in ("venv-a", "venv-b"):
+        data = tmp_path / venv / "site-packages" / "whisper_pkg" / "data"
+        data.mkdir(parents=True)
+        (data / "model.bin").write_bytes(blob)
+        (data / "vocabulary.json").write_text(json.dumps(TINY_VOCAB))
+        copies.append(data)
+    os.utime(copies[1] / "model.bin", ns=(1_000_000_000, 1_000_000_000))  # another install time
+
+    first = load_whisper(copies[0])
+    converted = [p for p in private_cache.iterdir() if not p.name.startswith(".") and p.name != "sha256"]
+    assert converted == [first.path]
+    assert first.path.name == f"data-{_sha256(copies[0] / 'model.bin')[:16]}"
+    marker = json.loads((first.path / backbones.SOURCE_MARKER).read_text())
+    assert marker["sha256"] == _sha256(copies[0] / "model.bin")
+    stamp = (first.path / "model.safetensors").stat().st_mtime_ns
+    clear_memo()
+
+    second = load_whisper(copies[1])  # the second venv: same bytes, another path
+    assert second.path == first.path
+    assert (second.path / "model.safetensors").stat().st_mtime_ns == stamp  # served from the cache, not reconverted
+    assert [p for p in private_cache.iterdir() if not p.name.startswith(".") and p.name != "sha256"] == [first.path]
+    assert second.identity["weights_sha256"] == first.identity["weights_sha256"]
+    assert len(list((private_cache / "sha256").iterdir())) == 2  # one memoised hash per (path, size, mtime)
+
+    # A directory an older paraencoder cached under its path-keyed name is adopted, not converted again.
+    clear_memo()
+    legacy = private_cache / f"data-{backbones._key_digest([copies[1] / 'model.bin'])[:16]}"
+    shutil.move(str(first.path), str(legacy))
+    third = load_whisper(copies[1])
+    assert third.path == first.path and not legacy.exists()
+    assert (third.path / "model.safetensors").stat().st_mtime_ns == stamp

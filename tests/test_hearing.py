@@ -156,6 +156,8 @@ def test_yes_no_candidates_are_balanced_and_options_list_every_class():
     rendered = choice.render(**question_slots(choice, "sad", "x"))
     assert all(word in rendered for word in LABEL_WORDS["emotion"].values())
     assert question_slots(choice, "sad", "x") == question_slots(choice, "sad", "x")  # deterministic
+    orders = {tuple(question_slots(choice, "sad", f"u{i}")["order"]) for i in range(200)}
+    assert len(orders) == 4  # a few fixed orders: few distinct teacher prompts, position no cue
 
 
 @pytest.mark.parametrize(
@@ -164,7 +166,10 @@ def test_yes_no_candidates_are_balanced_and_options_list_every_class():
         ("emotion", "yesno", "Yes, the speaker sounds angry.", "angry", "angry", ("yes", True)),
         ("emotion", "yesno", "No.", "sad", "angry", ("no", True)),
         ("emotion", "yesno", "Yes.", "sad", "angry", ("yes", False)),
-        ("emotion", "yesno", "The speaker is angry.", "angry", "angry", (None, False)),
+        ("emotion", "yesno", "The speaker is angry.", "angry", "angry", ("yes", True)),  # a statement answers too
+        ("emotion", "yesno", "The speaker is not sad.", "angry", "sad", ("no", True)),
+        ("emotion", "yesno", "The speaker is happy.", "angry", "sad", ("no", True)),
+        ("emotion", "yesno", "I cannot say.", "angry", "sad", (None, False)),
         ("emotion", "word", "Disgusted.", "disgust", None, ("disgust", True)),
         ("emotion", "choice", "The speaker expresses fear.", "fearful", None, ("fearful", True)),
         ("emotion", "open", "I cannot tell.", "sad", None, (None, False)),
@@ -187,6 +192,7 @@ def test_bank_examples_and_teacher_filter(toy_corpus):
     assert len(examples) == 3 * len(utts)
     for ex in examples:
         assert ex.student_prompt.startswith("<speech>\n") and ex.labels["emotion"] in ex.teacher_prompt
+        assert ex.transcript not in ex.teacher_prompt  # the answer may not depend on the words
         assert ex.question["attribute"] == "emotion" and ex.task == f"emotion/{ex.question['form']}"
     assert len({ex.student_prompt for ex in examples if ex.utt_id == "clip0"}) == 3  # no phrasing twice per clip
     for i, ex in enumerate(examples):  # half the teacher replies right, half wrong
@@ -264,3 +270,36 @@ def test_training_with_bank_summary_words_head_and_disk_states(tmp_path, tiny_ll
     clip = load_manifest(toy_corpus / "manifest.jsonl")[0].audio
     module.adapter.eval()
     assert loaded.generate(clip, max_new_tokens=4) == module.adapter.generate(clip, max_new_tokens=4)
+
+
+# -- evaluation on held-out phrasings ------------------------------------------------------------------
+
+
+class _ScriptedAdapter:
+    """Answers 'sad' to every naming question and 'Yes.' to every yes/no question (no model)."""
+
+    config: dict = {}
+
+    def generate(self, waves, prompts, **kw):
+        prompts = [prompts] * len(waves) if isinstance(prompts, str) else prompts
+        return ["Yes." if "yes or no" in p else "The speaker sounds sad." for p in prompts]
+
+
+def test_emotion_suite_reports_trained_unseen_and_yes_no_against_hand_counts(toy_corpus):
+    from paraencoder.eval.suites import run_suite
+    from paraencoder.prompts import question_slots
+
+    utts = load_manifest(toy_corpus / "manifest.jsonl")  # 3 happy, 3 sad
+    result = run_suite("emotion", adapter=_ScriptedAdapter(), utterances=utts, baselines=False, progress=False)
+    ph = result["metrics"]["phrasings"]
+    assert ph["trained"]["accuracy"] == pytest.approx(0.5) and ph["trained"]["no_label"] == 0.0
+    assert ph["unseen"]["accuracy"] == pytest.approx(0.5) and ph["unseen"]["no_label"] == 0.0 and ph["unseen"]["n"] == 6
+    held_out = {q.text for q in QUESTION_BANK["emotion"]["eval"]}
+    assert set(ph["unseen"]["per_phrasing"]) <= held_out
+    # yes/no: "Yes." is right exactly when the asked candidate is the true class.
+    yesno = next(q for q in QUESTION_BANK["emotion"]["eval"] if q.form == "yesno")
+    expected = sum(question_slots(yesno, u.emotion, f"eval0|{u.id}")["candidate"] == u.emotion for u in utts) / len(utts)
+    assert ph["unseen_yesno"]["accuracy"] == pytest.approx(expected)
+    four = result["metrics"]["emotion4"]
+    assert four["trained"] == {"accuracy": pytest.approx(0.5), "n": 6}
+    assert all(row["unseen_question"] in held_out for row in result["rows"])

@@ -16,7 +16,6 @@ where semantic (content) information peaks.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -533,25 +532,9 @@ def _slug(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="paraencoder probe", description="Layer-wise linear probes of paralinguistic and content cues.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--encoder", help="encoder spec (whisper-base, whisper-tiny.en, a transformers dir, a CTranslate2 model.bin)")
-    source.add_argument("--adapter", help="trained adapter directory: probes encoder, projector and LLM layers")
-    parser.add_argument("--llm", default=None, help="LLM spec for --adapter (default: the one recorded in the adapter)")
-    parser.add_argument("--data", nargs="+", default=["ravdess,speechocean762"], help="corpus names in the shared data dir, corpus folders or manifests (comma or space separated)")
-    parser.add_argument("--out", default="probe_results", help="output directory")
-    parser.add_argument("--name", default=None, help="file stem of the outputs (default probe_<model>)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--cache-dir", default=None, help="feature cache directory (default $PARAENCODER_CACHE/probe)")
-    parser.add_argument("--no-cache", action="store_true")
-    parser.add_argument("--limit", type=int, default=None, help="use at most N clips per corpus (seeded, whole speakers kept) for quick looks")
-    parser.add_argument("--content-word", default=None, help="word for the word-presence content label (default: most frequent)")
-    parser.add_argument("--margin", type=float, default=0.05, help="auto_train_layers margin")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from paraencoder.analysis.probe_cli import build_parser
+
+    args = build_parser().parse_args(argv)  # --threads is applied as it is parsed (paraencoder.threads)
     from paraencoder import backbones
     from paraencoder.data.manifest import load_manifest
 

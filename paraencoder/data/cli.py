@@ -8,6 +8,9 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="paraencoder data", description=__doc__)
+    from paraencoder.threads import add_threads_argument
+
+    add_threads_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="manifest from a corpus in its original layout")
@@ -18,6 +21,9 @@ def main(argv: list[str]) -> int:
     validate = sub.add_parser("validate", help="check every item (schema, audio, labels, duplicates) and list the bad ones")
     validate.add_argument("manifest", type=Path)
     validate.add_argument("--no-audio", action="store_true", help="skip opening the audio files")
+    validate.add_argument("--header-only", action="store_true", help="read audio headers only (fast; misses truncated data, NaN/Inf, too short/long clips)")
+    validate.add_argument("--workers", type=int, default=None, help="threads decoding audio (default: up to 8, one per core)")
+    validate.add_argument("--report", type=Path, default=None, help="also write every bad item as JSON lines to this file")
     validate.add_argument("--max-bad", type=float, default=0.0, help="fail when more than this share of items is bad")
 
     split = sub.add_parser("split", help="split by speaker (never by utterance) with a fixed seed")
@@ -42,7 +48,23 @@ def main(argv: list[str]) -> int:
         write_manifest(args.out, utts)
         print(f"{args.out}: {len(utts)} utterances from {args.corpus} at {args.root}")
     elif args.command == "validate":
-        report = validate_manifest(args.manifest, check_audio=not args.no_audio, max_bad_fraction=args.max_bad)
+        from paraencoder.errors import ManifestError
+
+        try:
+            report = validate_manifest(
+                args.manifest, check_audio=not args.no_audio, decode=not args.header_only, max_bad_fraction=args.max_bad,
+                workers=args.workers, progress=True,
+            )
+        except ManifestError as exc:
+            report = getattr(exc, "report", None)
+            if report is None:
+                raise
+            if args.report:
+                print(f"{report.write_issues(args.report)}: {len(report.issues)} issues")
+            print(report.summary())
+            raise
+        if args.report:
+            print(f"{report.write_issues(args.report)}: {len(report.issues)} issues")
         print(report.summary())
     elif args.command == "split":
         from paraencoder.data.splits import split_by_speaker

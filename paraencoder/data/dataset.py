@@ -115,7 +115,7 @@ def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: 
                         duration=utt.duration,
                         task=f"{attr}/{q.form}",
                         student_prompt=q.student(**slots),
-                        teacher_prompt=q.teacher(utt.transcript, label, **slots),
+                        teacher_prompt=q.teacher(label, **slots),
                         system=system,
                         labels=labels,
                         transcript=utt.transcript,

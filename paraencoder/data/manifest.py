@@ -293,8 +293,40 @@ def _parse_row(row: dict[str, Any], source: str, line: int | None, base_dir: str
     for name in _LOWER_FIELDS:
         if values.get(name) is not None:
             values[name] = _as_label(values[name], source, line, name)
+    for name, value in values.items():
+        if isinstance(value, str):
+            _check_unicode(value, source, line, name)
+    if extra:
+        try:
+            json.dumps(extra, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _err(source, line, "extra", "holds a lone surrogate (a broken \\ud8xx escape), which is not valid Unicode text") from None
+        except (TypeError, ValueError, RecursionError):
+            pass  # reported where extra is used
+    transcript = values.get("transcript")
+    if transcript is not None and SPEECH_PLACEHOLDER in transcript:
+        raise _err(
+            source, line, "transcript",
+            f"holds the speech placeholder {SPEECH_PLACEHOLDER!r}, which marks where audio goes in prompts; "
+            "remove or rewrite it in the transcript",
+        )
     values["extra"] = extra
     return Utterance(**values)
+
+
+SPEECH_PLACEHOLDER = "<speech>"
+"""The prompt placeholder for audio (``paraencoder.llm.SPEECH``, repeated here so reading manifests needs no torch)."""
+
+
+def _check_unicode(value: str, source: str, line: int | None, name: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _err(
+            source, line, name,
+            f"holds a lone surrogate {value[exc.start]!r} at character {exc.start}, which is not valid Unicode text "
+            "(a broken \\ud8xx escape in JSON?); fix the source",
+        ) from None
 
 
 def _read_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str | ManifestError]]:
@@ -515,6 +547,14 @@ class ManifestReport:
     def bad_fraction(self) -> float:
         return self.bad_items / self.total if self.total else 0.0
 
+    def write_issues(self, target: str | os.PathLike) -> Path:
+        """Every issue as one JSON line (``manifest``, ``line``, ``id``, ``kind``, ``field``, ``reason``), written atomically."""
+        target = Path(target)
+        lines = [json.dumps({"manifest": self.path, **dataclasses.asdict(issue)}, ensure_ascii=True) + "\n" for issue in self.issues]
+        with atomic_open(target, "w") as handle:
+            handle.write("".join(lines))
+        return target
+
     def summary(self) -> str:
         lines = [f"{self.path}: {self.total} items, {len(self.utterances)} good, {self.bad_items} bad, {self.seconds / 3600:.2f} h known duration"]
         for name, counts in self.label_counts.items():
@@ -526,32 +566,55 @@ class ManifestReport:
 DEFAULT_VOCABULARIES: dict[str, frozenset] = {"emotion": KNOWN_EMOTIONS, "gender": KNOWN_GENDERS, "age_group": KNOWN_AGE_GROUPS}
 
 
+def _check_item_audio(audio: str, offset: float, duration: float | None, decode: bool) -> tuple[int, int, int] | AudioError:
+    """Header info of a clip (and with ``decode`` its window decoded in full), or the AudioError saying why not."""
+    from paraencoder.audio import audio_info, load_audio  # the only module that reads audio
+
+    try:
+        info = audio_info(audio)
+        if decode:
+            # Decoding is what finds truncated data, NaN/Inf samples, clips shorter than 25 ms or
+            # windows longer than audio.MAX_SECONDS: the header alone says none of it.
+            load_audio(audio, offset=offset, duration=duration)
+        return info
+    except AudioError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must become a report line, not a crash
+        return AudioError(audio, f"cannot be decoded ({type(exc).__name__}: {str(exc)[:200]})")
+
+
 def validate_manifest(
     path: str | os.PathLike,
     *,
     check_audio: bool = True,
+    decode: bool = True,
     max_bad_fraction: float = 0.0,
     vocabularies: dict[str, Iterable[str]] | None = None,
     max_line_bytes: int = 1_000_000,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> ManifestReport:
     """Check a whole manifest and list every bad item with its reason.
 
-    Checks: the schema of each line, duplicate ids, unknown label values (``vocabularies`` maps a
-    field to its allowed values; default :data:`DEFAULT_VOCABULARIES`), and with ``check_audio`` that
-    each audio file exists, its header is readable, and ``offset + duration`` lies within it.
+    Checks: the schema of each line (including lone surrogates and the ``<speech>`` placeholder in
+    transcripts), duplicate ids, unknown label values (``vocabularies`` maps a field to its allowed
+    values; default :data:`DEFAULT_VOCABULARIES`), and with ``check_audio`` that each audio file
+    exists, is a regular file with a readable header, and ``offset + duration`` lies within it.
+    With ``decode`` (the default) every clip's window is decoded as training will read it
+    (:func:`paraencoder.audio.load_audio`), which finds truncated files, NaN/Inf samples, clips
+    under 25 ms and windows over ``audio.MAX_SECONDS``. Clips are checked by ``workers`` threads
+    (default: up to 8, one per core), with a progress bar when ``progress``.
     Raises :class:`ManifestError` listing the first issues when the share of bad items exceeds
     ``max_bad_fraction``; otherwise returns the report (whose ``utterances`` are the good ones).
     """
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(path, None, None, "manifest file does not exist")
+        raise ManifestError(path, None, None, "manifest file does not exist" if not path.exists() else "is not a regular file (a directory or FIFO?)")
     vocab = {k: frozenset(v) for k, v in (DEFAULT_VOCABULARIES if vocabularies is None else vocabularies).items()}
     report = ManifestReport(str(path))
     base_dir = path.resolve().parent
     seen: dict[str, int] = {}
-    info_cache: dict[str, tuple[int, int, int] | AudioError] = {}
-    if check_audio:
-        from paraencoder.audio import audio_info  # the only module that reads audio
+    rows: list[tuple[int, Utterance, list[ManifestIssue]]] = []
     for number, item in _iter_rows(path, max_line_bytes, base_dir):
         report.total += 1
         if isinstance(item, ManifestError):
@@ -566,16 +629,28 @@ def validate_manifest(
             value = getattr(item, name, None)
             if value is not None and value not in allowed:
                 problems.append(ManifestIssue(number, item.id, "unknown_label", name, f"{value!r} is not one of {sorted(allowed)}; pass vocabularies=... to allow it"))
+        rows.append((number, item, problems))
+    results: dict[tuple, tuple[int, int, int] | AudioError] = {}
+    if check_audio:
+        keys = list(dict.fromkeys((item.audio, item.offset, item.duration) for _, item, _ in rows))
+        count = max(1, min(workers or min(8, os.cpu_count() or 1), len(keys) or 1))
+        bar = None
+        if progress and keys:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(keys), desc="decoding audio" if decode else "reading audio headers", unit="clip")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=count) as pool:  # libsndfile and soxr release the GIL
+            for key, result in zip(keys, pool.map(lambda k: _check_item_audio(*k, decode), keys)):
+                results[key] = result
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+    for number, item, problems in rows:
         if check_audio:
-            if item.audio not in info_cache:
-                if not os.path.isfile(item.audio):
-                    info_cache[item.audio] = AudioError(item.audio, "does not exist")
-                else:
-                    try:
-                        info_cache[item.audio] = audio_info(item.audio)
-                    except AudioError as exc:
-                        info_cache[item.audio] = exc
-            info = info_cache[item.audio]
+            info = results[(item.audio, item.offset, item.duration)]
             if isinstance(info, AudioError):
                 kind = "missing_audio" if "does not exist" in info.reason else "unreadable_audio"
                 problems.append(ManifestIssue(number, item.id, kind, "audio", f"{item.audio}: {info.reason}"))
@@ -592,6 +667,7 @@ def validate_manifest(
         for name, value in item.labels().items():
             if isinstance(value, str):
                 report.label_counts.setdefault(name, Counter())[value] += 1
+    report.issues.sort(key=lambda issue: issue.line if issue.line is not None else -1)
     if report.bad_fraction > max_bad_fraction:
         first = "; ".join(str(i) for i in report.issues[:5])
         error = ManifestError(

@@ -287,9 +287,9 @@ def generate_qa(
     pending = list(todo.items())
     bar = None
     if progress and pending:
-        from tqdm.auto import tqdm
+        from paraencoder.progress import progress_bar  # a bar with ETA on a terminal, plain lines in a log
 
-        bar = tqdm(total=len(pending), desc="qa pairs", unit="utt")
+        bar = progress_bar(len(pending), "qa pairs", "utt")
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
         verdicts = generator.judge(template, [inputs for _, (inputs, _) in chunk])

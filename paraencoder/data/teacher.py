@@ -89,11 +89,11 @@ class TeacherCache:
     def reload(self) -> None:
         self._replies.clear()
         for part in sorted(self.directory.glob("part-*.jsonl")):
-            for lineno, line in enumerate(part.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in _jsonl_lines(part):
                 try:
                     record = json.loads(line)
                     self._replies[record["key"]] = record["reply"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                     # Parts are written atomically, so this is tampering or disk damage, not a crash.
                     raise UnsafeFileError(f"{part}:{lineno} is not a valid teacher-cache record; delete {part} to regenerate it") from None
 
@@ -110,7 +110,7 @@ class TeacherCache:
         """Write one part with ``records`` (dicts with ``key`` and ``reply``) atomically."""
         name = f"part-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
         path = self.directory / name
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_text(path, "".join(_record_line(r) for r in records))
         for r in records:
             self._replies[r["key"]] = r["reply"]
         return path
@@ -121,7 +121,7 @@ class TeacherCache:
         if len(parts) <= 1:
             return
         merged = self.directory / f"part-0-merged-{uuid.uuid4().hex[:8]}.jsonl"
-        atomic_write_text(merged, "".join(json.dumps({"key": k, "reply": v}, ensure_ascii=False) + "\n" for k, v in sorted(self._replies.items())))
+        atomic_write_text(merged, "".join(_record_line({"key": k, "reply": v}) for k, v in sorted(self._replies.items())))
         for part in parts:
             part.unlink()
 
@@ -157,9 +157,9 @@ def generate_teacher_replies(
     mine.sort(key=lambda kv: len(kv[1].prompt))
     bar = None
     if progress and mine:
-        from tqdm.auto import tqdm
+        from paraencoder.progress import progress_bar  # a bar with ETA on a terminal, plain lines in a log
 
-        bar = tqdm(total=len(mine), desc="teacher replies", unit="reply")
+        bar = progress_bar(len(mine), "teacher replies", "reply")
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         systems = {r.system for _, r in chunk}
@@ -187,5 +187,25 @@ def generate_teacher_replies(
 def iter_cache_records(directory: str | os.PathLike) -> Iterable[dict]:
     """All records in a cache directory (for inspection and tests)."""
     for part in sorted(Path(directory).glob("part-*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
+        for _, line in _jsonl_lines(part):
             yield json.loads(line)
+
+
+def _record_line(record: dict) -> str:
+    """One JSONL line. ASCII-escaped, so any Python string round-trips: U+2028, U+0085 and other
+    line separators, and lone surrogates (which UTF-8 cannot encode) are written as ``\\uXXXX``."""
+    return json.dumps(record, ensure_ascii=True) + "\n"
+
+
+def _jsonl_lines(part: Path) -> Iterable[tuple[int, str]]:
+    """``(line number, line)`` of a JSONL part, split on ``\\n`` only.
+
+    ``str.splitlines`` also splits on U+2028, U+2029, U+0085, \\x1c-\\x1e, \\v and \\f, which JSON
+    writers leave unescaped inside strings: a transcript holding one would cut its record in two
+    (parts written by earlier versions hold such characters raw).
+    """
+    lines = part.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for lineno, line in enumerate(lines, 1):
+        yield lineno, line.removesuffix("\r")

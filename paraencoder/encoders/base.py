@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from paraencoder.errors import ConfigError
+from paraencoder.errors import ConfigError, shorten
 
 LayerSpec = str | int | Sequence[int] | None
 
@@ -33,35 +33,46 @@ class EncoderOutput:
 def parse_layer_spec(spec: LayerSpec, num_layers: int, *, name: str = "train_layers") -> list[int]:
     """Turn ``"all" | "none" | "2-5" | "0,3,7" | [1, 2] | 4`` into a sorted list of layer indices.
 
-    Layers are counted from 0 to ``num_layers - 1``; negative ints count from the end.
+    Layers are counted from 0 to ``num_layers - 1``; negative ints count from the end. Work and
+    memory are bounded by ``num_layers`` and the spec's length, whatever the spec says (a range
+    like ``"0-99999999999"`` is refused without being expanded), and so is the error message.
     """
+    shown = shorten(spec)
+    usage = "use 'all', 'none', a range like '2-5', a list like '0,3,7' or a list of integers"
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("none", "")):
         return []
     if isinstance(spec, str):
         text = spec.strip().lower()
         if text == "all":
             return list(range(num_layers))
+        if len(text) > 16 * (num_layers + 1):
+            raise ConfigError(f"{name}={shown} is longer than any layer spec for {num_layers} layers; {usage}")
         items: list[int] = []
         for part in text.split(","):
             part = part.strip()
             try:
                 if "-" in part[1:]:
                     lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                    items.extend(range(int(lo), int(hi) + 1))
+                    lo, hi = int(lo), int(hi)
+                    if not (0 <= lo <= hi < num_layers):
+                        raise ConfigError(
+                            f"{name}={shown}: range {lo}-{hi} is not within this encoder's layers 0-{num_layers - 1}; {usage}"
+                        )
+                    items.extend(range(lo, hi + 1))
                 else:
                     items.append(int(part))
             except ValueError:
-                raise ConfigError(
-                    f"{name}={spec!r} is not a layer spec; use 'all', 'none', a range like '2-5' or a list like '0,3,7'"
-                ) from None
+                raise ConfigError(f"{name}={shown} is not a layer spec; {usage}") from None
         spec = items
-    if isinstance(spec, int):
+    if type(spec) is int:
         spec = [spec]
-    layers = sorted({i + num_layers if i < 0 else i for i in spec})
-    bad = [i for i in layers if not 0 <= i < num_layers]
+    if isinstance(spec, (str, bytes, dict)) or not isinstance(spec, Sequence) or not all(type(i) is int for i in spec):
+        raise ConfigError(f"{name}={shown} is not a layer spec; {usage}")
+    bad = [i for i in spec if not -num_layers <= i < num_layers]
     if bad:
-        raise ConfigError(f"{name}={spec!r}: layers {bad} do not exist; this encoder has layers 0-{num_layers - 1}")
-    return layers
+        shown_bad = ", ".join(shorten(i, 20) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConfigError(f"{name}={shown}: layers {shown_bad} do not exist; this encoder has layers 0-{num_layers - 1}")
+    return sorted({i + num_layers if i < 0 else i for i in spec})
 
 
 class SpeechEncoder(nn.Module):

@@ -52,8 +52,12 @@ def default_utterances(suite: str, out: Path, *, seed: int = 0) -> list:
     return ravdess_actor_split(load_manifest(meta))["test"]
 
 
+# = paraencoder.eval.suites.SUITES (kept here so that `eval --help` does not import torch; a test checks they agree)
+SUITES = ("emotion", "age", "gender", "empathy", "content", "safety", "qa")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from paraencoder.eval.suites import SUITES
+    from paraencoder.threads import add_threads_argument
 
     parser = argparse.ArgumentParser(prog="paraencoder eval", description="Evaluation suites with transcript-only and stated-cue baselines.")
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + adapter_config.json)")
@@ -73,15 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-baselines", action="store_true", help="skip the transcript-only and stated-cue views")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
 
     suites = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ConfigError(f"--suite {args.suite!r}: unknown {unknown}; available: {', '.join(SUITES)}")
+    from paraencoder.inputs import check_adapter_dir, check_manifest, check_manifest_audio
+
+    # Inputs are checked before the backbones load (tens of seconds).
+    check_adapter_dir(args.adapter)
+    from paraencoder.data.manifest import load_manifest
+
+    manifest = load_manifest(check_manifest(args.data)) if args.data else None
+    if manifest is not None:
+        check_manifest_audio(manifest)
+    # The default held-out sets are found (or the missing data named) before the models load too.
+    defaults = {} if manifest is not None else {s: default_utterances(s, args.out, seed=args.seed) for s in suites if s != "safety"}
 
     from paraencoder.adapter import SpeechAdapter
-    from paraencoder.data.manifest import load_manifest
     from paraencoder.eval.judge import make_judge
     from paraencoder.eval.report import fmt
     from paraencoder.eval.suites import run_suite
@@ -89,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)
     judge_kwargs = {"timeout": args.judge_timeout, "retries": args.judge_retries} if str(args.judge).startswith("http") else {}
     judge = make_judge(args.judge, args.judge_model, **judge_kwargs)
-    manifest = load_manifest(args.data) if args.data else None
     for suite in suites:
-        utts = list(manifest) if manifest is not None else default_utterances(suite, args.out, seed=args.seed)
+        utts = list(manifest) if manifest is not None else defaults.get(suite) or default_utterances(suite, args.out, seed=args.seed)
         if args.limit and len(utts) > args.limit:
             utts = sorted(random.Random(args.seed).sample(utts, args.limit), key=lambda u: u.id)
         result = run_suite(

@@ -281,6 +281,25 @@ def extract_yes_no(text: str | None) -> str | None:
     return None
 
 
+def _implied_yes_no(attribute: str, reply: str | None, candidate: str | None) -> str | None:
+    """A yes/no answer given as a statement: "The speaker is not sad." (no), "The speaker is angry." (yes).
+
+    The class the reply names (negated mentions do not count) decides: the candidate means yes,
+    another class means no; a reply naming none but negating the candidate means no.
+    """
+    if not reply or not candidate:
+        return None
+    named = EXTRACTORS[attribute](reply)
+    if named is not None:
+        return "yes" if named == candidate else "no"
+    table = {"emotion": EMOTION_PATTERNS, "age_group": AGE_PATTERNS, "gender": GENDER_PATTERNS}[attribute]
+    text = reply.lower()
+    for label, pattern in _patterns(table):
+        if label == candidate and any(_negated(text, m.start()) for m in pattern.finditer(text)):
+            return "no"
+    return None
+
+
 def score_answer(attribute: str, form: str, reply: str | None, label: str, candidate: str | None = None) -> tuple[str | None, bool]:
     """``(parsed answer, correct)`` for a reply to a question-bank question about ``attribute``.
 
@@ -288,7 +307,7 @@ def score_answer(attribute: str, form: str, reply: str | None, label: str, candi
     yes/no and is correct when it agrees with ``candidate == label``. An unparsed reply is never correct.
     """
     if form == "yesno":
-        answer = extract_yes_no(reply)
+        answer = extract_yes_no(reply) or _implied_yes_no(attribute, reply, candidate)
         return answer, answer is not None and (answer == "yes") == (candidate == label)
     lset = {"emotion": "emotion8", "age_group": "age", "gender": "gender"}[attribute]
     raw = EXTRACTORS[attribute](reply)

@@ -119,9 +119,9 @@ def transcript_prompt(student_prompt: str, transcript: str) -> str:
 def _bar(total: int, desc: str, progress: bool):
     if not progress or total == 0:
         return None
-    from tqdm.auto import tqdm
+    from paraencoder.progress import progress_bar  # a bar with ETA on a terminal, plain lines in a log
 
-    return tqdm(total=total, desc=desc, unit="clip")
+    return progress_bar(total, desc, "clip")
 
 
 def _speech_replies(adapter, utts: Sequence, prompt: str, *, batch_size: int, max_new_tokens: int, progress: bool, desc: str, system: str | None = None) -> tuple[list[str | None], list[str | None]]:
@@ -179,7 +179,31 @@ def _labels_of(utt) -> dict:
 # -- suites -------------------------------------------------------------------------------------
 
 
-def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, baselines, progress, judge, label_set, system) -> dict:
+def _phrasing_views(adapter, sel, field: str, truth, lset, *, batch_size, max_new_tokens, progress) -> dict:
+    """Held-out phrasings of the question bank: naming formats scored like the trained phrasing, yes/no apart."""
+    from paraencoder.eval.phrasings import ask_bank
+
+    class _Mapped:  # the bank scores against the label set's class, not the corpus's raw label
+        def __init__(self, utt, label):
+            self._utt, self._label = utt, label
+
+        def __getattr__(self, key):
+            return self._label if key == field else getattr(self._utt, key)
+
+    mapped = [_Mapped(u, t) for u, t in zip(sel, truth)]
+    out = {}
+    for view, forms in (("unseen", ("word", "sentence", "open", "choice")), ("unseen_yesno", ("yesno",))):
+        res = ask_bank(adapter, mapped, field, "eval", forms=forms, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+        rows = res.pop("rows")
+        if view == "unseen":
+            labels = [c for c in lset.classes if c in set(truth)]
+            preds = [r["pred"] if r["pred"] in labels or r["pred"] is None else "(other)" for r in rows]
+            res["report"] = classification_report([r["label"] for r in rows], preds, labels)
+        out[view] = {**res, "rows": rows}
+    return out
+
+
+def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, baselines, progress, judge, label_set, system, phrasings: bool = True) -> dict:
     task_name, field, extract, default_set = _CLASSIFY[name]
     task = TASKS[task_name]
     lset = get_label_set(label_set or default_set)
@@ -229,12 +253,37 @@ def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, bas
         preds[view] = [predict(r) for r in replies]
         metrics[view] = classification_report([truth[i] for i in idx], [preds[view][i] for i in idx], labels_in_data)
     metrics["chance_majority"] = metrics["speech"]["chance_majority"]
+    asked: dict = {}
+    if phrasings and system is None and lset.name in ("emotion8", "age", "gender"):
+        # The same clips asked in words never used for training (disjoint bank), next to the trained phrasing.
+        asked = _phrasing_views(adapter, sel, field, truth, lset, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+        sp = metrics["speech"]
+        metrics["phrasings"] = {
+            "trained": {"accuracy": sp["accuracy"], "no_label": sp.get("unparsable_rate"), "n": len(sel), "question": task.student.replace(SPEECH, "").strip()},
+            **{view: {k: v for k, v in res.items() if k != "rows"} for view, res in asked.items()},
+        }
+        notes.append(
+            "phrasings: 'trained' is the fixed training question; 'unseen' rotates the held-out bank's naming questions "
+            "(one word, sentence, open, multiple choice) over the clips; 'unseen_yesno' asks held-out yes/no questions "
+            "(the true class half the time; chance 50%). no_label = replies that name no class (or no yes/no)."
+        )
+        if name == "emotion" and lset.name == "emotion8":
+            four = get_label_set("emotion4")
+            metrics["emotion4"] = {}
+            for view, preds_view in (("trained", preds["speech"]), ("unseen", [r["pred"] for r in asked["unseen"]["rows"]])):
+                pairs = [(four.map(t), four.map(p) if p not in (None, "(other)") else None) for t, p in zip(truth, preds_view) if four.map(t)]
+                metrics["emotion4"][view] = {"accuracy": sum(t == p for t, p in pairs) / len(pairs) if pairs else None, "n": len(pairs)}
+            notes.append("emotion4: the 8-way answers scored on neutral (+calm), happy, sad, angry clips, calm answers counting as neutral")
     rows = []
     for i, (utt, label) in enumerate(items):
         row = {"id": utt.id, "speaker": utt.speaker, "label": label, "transcript": utt.transcript}
         for view in views:
             row[f"{view}_reply"] = views[view][i]
             row[f"{view}_pred"] = preds[view][i]
+        for view, res in asked.items():
+            row[f"{view}_question"] = res["rows"][i]["question"]
+            row[f"{view}_reply"] = res["rows"][i]["reply"]
+            row[f"{view}_correct"] = res["rows"][i]["correct"]
         if errors[i]:
             row["error"] = errors[i]
         rows.append(row)

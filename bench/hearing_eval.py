@@ -1,0 +1,93 @@
+"""Does the frozen LLM hear? An adapter on held-out speakers, in trained and unseen phrasings.
+
+Runs the ``emotion`` (RAVDESS actors 17-20) and ``age`` (held-out speechocean762 speakers) suites
+with every phrasing view (the fixed training question, the held-out naming bank, held-out yes/no)
+and the transcript-only / stated-cue baselines, writes ``bench/results/hearing_<name>.json`` and
+prints one table. Resumable: a suite already in the JSON is not run again (``--redo`` to rerun).
+
+    python bench/hearing_eval.py --adapter checkpoints/hearing-whisper-base-smollm2 --name hearing
+    python bench/hearing_eval.py --adapter checkpoints/quickstart-whisper-base-smollm2 --name quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def table(results: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        "| task | clips | trained phrasing | unseen phrasings (naming) | unseen yes/no | no label (trained / unseen) | transcript only | stated cue | chance |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for suite, res in results.items():
+        m = res["metrics"]
+        ph = m.get("phrasings", {})
+        tr, un, yn = ph.get("trained", {}), ph.get("unseen", {}), ph.get("unseen_yesno", {})
+        lines.append(
+            f"| {suite} | {m['n']} | {pct(tr.get('accuracy'))} | {pct(un.get('accuracy'))} | {pct(yn.get('accuracy'))} | "
+            f"{pct(tr.get('no_label'))} / {pct(un.get('no_label'))} | {pct((m.get('transcript') or {}).get('accuracy'))} | "
+            f"{pct((m.get('stated') or {}).get('accuracy'))} | {pct(m.get('chance'))} |"
+        )
+        if "emotion4" in m:
+            e4 = m["emotion4"]
+            lines.append(f"| emotion, 4-class view | {e4['trained']['n']} | {pct(e4['trained']['accuracy'])} | {pct(e4['unseen']['accuracy'])} | - | - | - | - | 25.0% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True, type=Path)
+    parser.add_argument("--name", required=True, help="results go to bench/results/hearing_<name>.json")
+    parser.add_argument("--data", type=Path, default=REPO / "outputs" / "hearing" / "data", help="folder with test_ravdess.jsonl and test_speechocean.jsonl")
+    parser.add_argument("--suites", default="emotion,age")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--limit", type=int, default=None, help="at most this many clips per suite (class-stratified)")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.data.manifest import load_manifest
+    from paraencoder.eval.suites import run_suite
+    from paraencoder.io import atomic_write_json
+    from paraencoder.learning_curve import stratified_sample
+
+    out = RESULTS / f"hearing_{args.name}.json"
+    results = json.loads(out.read_text()) if out.is_file() and not args.redo else {}
+    adapter = SpeechAdapter.from_pretrained(args.adapter)
+    sources = {"emotion": ("test_ravdess.jsonl", "emotion"), "age": ("test_speechocean.jsonl", "age_group"), "gender": ("test_ravdess.jsonl", "gender")}
+    for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
+        if suite in results:
+            print(f"{suite}: already in {out} (--redo to rerun)")
+            continue
+        file, field = sources[suite]
+        utts = load_manifest(args.data / file)
+        if args.limit:
+            classes = {getattr(u, field) for u in utts if getattr(u, field)}
+            utts = stratified_sample(utts, field, max(1, args.limit // len(classes)))
+        start = time.perf_counter()
+        res = run_suite(suite, adapter=adapter, utterances=utts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, baselines=not args.no_baselines)
+        res["wall_seconds"] = round(time.perf_counter() - start, 1)
+        results[suite] = {"metrics": res["metrics"], "rows": res["rows"], "notes": res["notes"], "wall_seconds": res["wall_seconds"], "adapter": str(args.adapter)}
+        atomic_write_json(out, results)
+        print(f"{suite}: {res['wall_seconds']} s", flush=True)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+"""OpenAI-compatible serving of a speech adapter (``paraencoder serve``; needs the ``serve`` extra)."""
+
+from __future__ import annotations
+
+__all__ = ["ServeConfig", "create_app"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from paraencoder.serve import app
+
+        return getattr(app, name)
+    raise AttributeError(name)
