@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", type=Path, default=None, help="also write <suite>.json/.md/.png there (e.g. the run's eval/ for release)")
     args = parser.parse_args(argv)
 
     import torch
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             classes = {getattr(u, field) for u in utts if getattr(u, field)}
             utts = stratified_sample(utts, field, max(1, args.limit // len(classes)))
         start = time.perf_counter()
-        res = run_suite(suite, adapter=adapter, utterances=utts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, baselines=not args.no_baselines)
+        res = run_suite(suite, adapter=adapter, utterances=utts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, baselines=not args.no_baselines, out_dir=args.out_dir)
         res["wall_seconds"] = round(time.perf_counter() - start, 1)
         results[suite] = {"metrics": res["metrics"], "rows": res["rows"], "notes": res["notes"], "wall_seconds": res["wall_seconds"], "adapter": str(args.adapter)}
         atomic_write_json(out, results)

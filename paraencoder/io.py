@@ -81,10 +81,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
 def check_writable(directory: str | os.PathLike, what: str) -> Path:
     """Make sure files can be created in ``directory`` now (creating it if needed), before hours of work.
 
-    Creates and removes a hidden probe file. Raises :class:`ParaencoderError` naming ``what`` (e.g.
-    ``"the checkpoint directory"``), the path and the fix.
+    Creates and removes a hidden probe file; directories it had to create for that are removed
+    again, so a run that stops early leaves nothing behind. Raises :class:`ParaencoderError` naming
+    ``what`` (e.g. ``"the checkpoint directory"``), the path and the fix.
     """
     directory = Path(directory)
+    created = []
+    for parent in [directory, *directory.parents]:
+        if os.path.lexists(parent):
+            break
+        created.append(parent)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".paraencoder-write-check-", dir=directory)
@@ -93,4 +99,8 @@ def check_writable(directory: str | os.PathLike, what: str) -> Path:
     except OSError as exc:
         error = _explain_os_error(directory, exc)
         raise ParaencoderError(f"{what} {directory} is not usable: {error}") from exc
+    finally:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
     return directory

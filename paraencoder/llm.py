@@ -271,6 +271,12 @@ class FrozenLLM:
         marked = [{**m, "content": f"\ue000{nonce}:{k}\ue001"} for k, m in enumerate(messages)]
         skeleton = re.split("\ue000" + nonce + r":(\d+)\ue001", self._apply_template(marked))
         templates, order = skeleton[0::2], [int(k) for k in skeleton[1::2]]
+        if len(messages) - 1 not in order:
+            raise PromptError(
+                f"the chat template of LLM {self.identity.get('name')!r} does not write the user message as given "
+                "(it rewrites or drops message contents), so user text cannot be kept apart from control tokens; "
+                "use a template that writes message['content'] (optionally trimmed)"
+            )
         real = self._apply_template(messages)
         pieces = self._match_contents(real, templates, [contents[k] for k in order])
         segments = [(templates[0], False)]
@@ -280,8 +286,9 @@ class FrozenLLM:
         placed = sum(text.count(SPEECH) for text, is_content in segments if is_content)
         if placed != user.count(SPEECH):
             raise PromptError(
-                f"the chat template of LLM {self.identity.get('name')!r} writes the user prompt {placed} times; "
-                f"{where} {_clip(user)} cannot hold the speech placeholder {SPEECH!r} in it"
+                f"the chat template of LLM {self.identity.get('name')!r} writes {placed} speech placeholders for the "
+                f"{user.count(SPEECH)} in {where} {_clip(user)} (it repeats or drops the user message); use a template "
+                "that writes each message once"
             )
         return segments
 

@@ -92,7 +92,77 @@ def front_matter(meta: dict) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def model_card(name: str, config: dict, evals: dict[str, dict], timings: dict) -> str:
+QUICKSTART_DATA = (
+    "- Data: RAVDESS actors 01-16 (emotion, 2 sentences) and 240 clips of speechocean762 training speakers "
+    "(child/adult), tasks `respond`, `emotion`, `age` (see `paraencoder/prompts.py`)."
+)
+QUICKSTART_LIMITS = (
+    "- The ceiling is not the LLM: told the emotion in words, SmolLM2 names it in every reply "
+    "(*text + stated cue*). The gap is the adapter's. A frozen-encoder linear probe on Whisper-base "
+    "reaches 69% (8-class, same held-out actors, best at layer 4; docs/pe-ft.md), so the cue is in "
+    "the features; 600 CPU steps of CE (loss still falling) did not yet make the LLM say it reliably.",
+    "- Confusions follow arousal: low-arousal voices (neutral, calm, sad) collapse onto *sad*, "
+    "high-arousal ones (happy, fearful, surprised) onto *fearful*; angry/disgust onto *angry*.",
+    "- Child vs adult is weak (children mostly called adults); only 240 speechocean762 clips were "
+    "used for training, against 960 RAVDESS clips.",
+    "- What should move it, in expected order: more steps and the full speechocean762 set; training "
+    "the middle encoder layers (`peft_selective*.yaml`: layers where the probes peak); KL to the "
+    "teacher's full distribution (`kl_quickstart.yaml`) instead of CE on one sampled reply; a larger "
+    "frozen LLM (the same recipe with any transformers directory).",
+    "- Trained on two acted sentences (RAVDESS): replies to other content are less reliable.",
+)
+LICENCE_LINE = "- Licence: trained on RAVDESS (CC BY-NC-SA 4.0): non-commercial use only, share-alike."
+
+
+def _phrasing_table(evals: dict[str, dict]) -> list[str]:
+    """Trained vs held-out phrasings, side by side with their no-label rates (suites with a question bank)."""
+    rows = []
+    for suite, result in evals.items():
+        ph = (result.get("metrics") or {}).get("phrasings")
+        if not ph:
+            continue
+        tr, un, yn = ph.get("trained", {}), ph.get("unseen", {}), ph.get("unseen_yesno", {})
+        rows.append(
+            f"| {suite} | {_pct(tr.get('accuracy'))} | {_pct(tr.get('no_label'))} | {_pct(un.get('accuracy'))} | "
+            f"{_pct(un.get('no_label'))} | {_pct(yn.get('accuracy'))} | {_pct(yn.get('no_label'))} |"
+        )
+        e4 = (result.get("metrics") or {}).get("emotion4")
+        if e4:
+            rows.append(f"| emotion, 4-class view (neutral+calm, happy, sad, angry; n={e4['trained']['n']}) | {_pct(e4['trained']['accuracy'])} | | {_pct(e4['unseen']['accuracy'])} | | | |")
+    if not rows:
+        return []
+    return [
+        "",
+        "### Trained and unseen question phrasings",
+        "",
+        "*Trained*: the fixed question every earlier adapter was trained and tested on. *Unseen*: the held-out "
+        "question bank (`paraencoder.prompts.QUESTION_BANK[...]['eval']`, never used in training): one word, "
+        "one sentence, open reply and multiple choice, rotated over the clips; yes/no separately (the true "
+        "class half the time, chance 50%). *No label*: replies that name no class (no yes/no).",
+        "",
+        "| task | trained | no label | unseen (naming) | no label | unseen yes/no | no label |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def model_card(
+    name: str,
+    config: dict,
+    evals: dict[str, dict],
+    timings: dict,
+    *,
+    recipe: str = "recipes/quickstart.yaml",
+    data: str = QUICKSTART_DATA,
+    limits: tuple[str, ...] | list[str] = QUICKSTART_LIMITS,
+    objective: str = "CE on the teacher's reply",
+    curve: bool = False,
+) -> str:
+    """The released adapter's README: front matter, use, training, held-out results, cost, limits.
+
+    ``recipe``, ``data``, ``limits`` and ``objective`` describe the run; the defaults are the
+    quickstart's. ``curve`` adds the learning-curve plot (``curve.png`` next to the card).
+    """
     training = config.get("training", {})
     lines = [front_matter(card_metadata(name, config, evals)), f"# {name}", ""]
     lines += [
@@ -109,10 +179,9 @@ def model_card(name: str, config: dict, evals: dict[str, dict], timings: dict) -
         "",
         "## Training",
         "",
-        f"- Recipe: `recipes/quickstart.yaml` (`paraencoder demo`), {training.get('global_step', training.get('max_steps', '?'))} optimizer steps, "
-        f"batch {training.get('batch_size', 8)}, lr {training.get('lr')}, CE on the teacher's reply.",
-        "- Data: RAVDESS actors 01-16 (emotion, 2 sentences) and 240 clips of speechocean762 training speakers "
-        "(child/adult), tasks `respond`, `emotion`, `age` (see `paraencoder/prompts.py`).",
+        f"- Recipe: `{recipe}` (`paraencoder demo`), {training.get('global_step', training.get('max_steps', '?'))} optimizer steps, "
+        f"batch {training.get('batch_size', 8)}, lr {training.get('lr')}, {objective}.",
+        data,
         f"- Encoder: `{config['encoder'].get('spec')}`, trained layers: {config['encoder'].get('train_layers') or 'none'}; "
         f"projector reads `{config['projector']['layer']}`, stacks {config['projector']['stack']} frames "
         f"({50 / config['projector']['stack']:.2f} soft tokens per second of audio), MLP width {config['projector']['hidden_dim']}.",
@@ -139,6 +208,7 @@ def model_card(name: str, config: dict, evals: dict[str, dict], timings: dict) -
         if suite != "empathy":
             f1 = [m.get(v, {}).get("macro_f1") if isinstance(m.get(v), dict) else None for v in ("speech", "transcript", "stated")]
             lines.append(f"| {suite} | | macro-F1 | {_pct(f1[0])} | {_pct(f1[1])} | {_pct(f1[2])} | |")
+    lines += _phrasing_table(evals)
     if "emotion" in evals:
         speech = evals["emotion"]["metrics"]["speech"]
         lines += ["", "### Emotion: per class (speech)", ""] + _per_class_table(speech)
@@ -151,26 +221,16 @@ def model_card(name: str, config: dict, evals: dict[str, dict], timings: dict) -
             "neutral) as the teacher's reply to the transcript with the emotion stated; judged by the keyword "
             "sentiment parser (a 135M LLM judge was unusable: it parsed 0 of 12 validation items, see docs/evaluation.md).",
         ]
+    if curve:
+        lines += ["", "### Learning curve", "", "![learning curve](curve.png)"]
     lines += ["", "## Cost", "", "| stage | seconds (2-core CPU, shared with other jobs) |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += [
         "",
         "## What limits it, and what would move it",
         "",
-        "- The ceiling is not the LLM: told the emotion in words, SmolLM2 names it in every reply "
-        "(*text + stated cue*). The gap is the adapter's. A frozen-encoder linear probe on Whisper-base "
-        "reaches 69% (8-class, same held-out actors, best at layer 4; docs/pe-ft.md), so the cue is in "
-        "the features; 600 CPU steps of CE (loss still falling) did not yet make the LLM say it reliably.",
-        "- Confusions follow arousal: low-arousal voices (neutral, calm, sad) collapse onto *sad*, "
-        "high-arousal ones (happy, fearful, surprised) onto *fearful*; angry/disgust onto *angry*.",
-        "- Child vs adult is weak (children mostly called adults); only 240 speechocean762 clips were "
-        "used for training, against 960 RAVDESS clips.",
-        "- What should move it, in expected order: more steps and the full speechocean762 set; training "
-        "the middle encoder layers (`peft_selective*.yaml`: layers where the probes peak); KL to the "
-        "teacher's full distribution (`kl_quickstart.yaml`) instead of CE on one sampled reply; a larger "
-        "frozen LLM (the same recipe with any transformers directory).",
-        "- Trained on two acted sentences (RAVDESS): replies to other content are less reliable.",
-        "- Licence: trained on RAVDESS (CC BY-NC-SA 4.0): non-commercial use only, share-alike.",
+        *limits,
+        LICENCE_LINE,
     ]
     return "\n".join(lines) + "\n"
 
@@ -196,7 +256,20 @@ def release(run: Path, out: Path, name: str | None = None) -> Path:
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
     summary = {s: {v: r["metrics"].get(v, {}).get("agreement" if s == "empathy" else "accuracy") for v in ("speech", "transcript", "stated")} for s, r in evals.items()}
     atomic_write_text(out / "results.json", json.dumps({"summary": summary, "metrics": {s: r["metrics"] for s, r in evals.items()}, "timings": timings}, indent=2) + "\n")
-    atomic_write_text(out / "README.md", model_card(name, json.loads((out / "adapter_config.json").read_text()), evals, timings))
+    # Optional description of the run (recipe, data, objective, limits) and its learning curve.
+    about = json.loads((run / "card.json").read_text()) if (run / "card.json").is_file() else {}
+    unknown = set(about) - {"recipe", "data", "limits", "objective"}
+    if unknown:
+        from paraencoder.errors import ConfigError
+
+        raise ConfigError(f"{run / 'card.json'}: unknown keys {sorted(unknown)}; use recipe, data, limits, objective")
+    curve = run / "curve" / "curve.png"
+    if curve.is_file():
+        atomic_write_bytes(out / "curve.png", curve.read_bytes())
+        if (run / "curve" / "curve.jsonl").is_file():
+            atomic_write_text(out / "curve.jsonl", (run / "curve" / "curve.jsonl").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    atomic_write_text(out / "README.md", model_card(name, config, evals, timings, curve=curve.is_file(), **about))
     return out
 
 

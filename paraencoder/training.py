@@ -278,6 +278,12 @@ class AlignmentModule(L.LightningModule):
         prompts = prompts or [ex.student_prompt for ex in examples]
         if replies is None:
             replies = [ex.reply for ex in examples]
+        if batch.get("clip_counts") is not None:  # dialogue examples in the batch (paraencoder.data.dialogues)
+            from paraencoder.data.dialogues import dialogue_student_batch
+
+            if histories:
+                raise ConfigError("student histories cannot be combined with dialogue examples (their turns are the history)")
+            return dialogue_student_batch(self.llm, examples, soft, soft_lengths, batch["clip_counts"], replies, prompts=prompts, device=self.device)
         enc = self.llm.encode(
             prompts,
             num_speech_tokens=soft_lengths.tolist(),
@@ -294,7 +300,7 @@ class AlignmentModule(L.LightningModule):
         waves, lengths = batch["waves"], batch["lengths"]
         if not (self.hparams.cache_encoder and self.adapter.encoder_frozen):
             return self.adapter(waves, lengths)
-        keys = [(ex.audio, ex.offset, ex.duration) for ex in batch["examples"]]
+        keys = batch.get("clip_keys") or [(ex.audio, ex.offset, ex.duration) for ex in batch["examples"]]
         needed = self.adapter.layer_select.mix_layers
         missing = [i for i, k in enumerate(keys) if k not in self._encoder_cache]
         disk = self.encoder_state_cache()
@@ -361,9 +367,16 @@ class AlignmentModule(L.LightningModule):
 
     def teacher_hidden(self, examples: list[AlignmentExample], replies) -> torch.Tensor:
         """The teacher's hidden states at the same reply tokens, from its text prompt (no gradient)."""
+        if len({ex.system for ex in examples}) > 1:
+            raise ConfigError(
+                "kl_weight > 0 with dialogue examples that carry their own system message mixed with others in one "
+                "batch; give every dialogue the same system message (or none), or train them with CE only"
+            )
+        histories = [list(getattr(ex, "teacher_history", ()) or ()) for ex in examples]
         with torch.no_grad():
             enc = self.llm.encode(
                 [ex.teacher_prompt for ex in examples], replies=replies, system=examples[0].system,
+                histories=histories if any(histories) else None,
                 sources=[f"teacher prompt of utterance {ex.utt_id!r} ({ex.task})" for ex in examples],
             ).to(self.device)
             hidden = self.llm.hidden_states(self.llm.embed(enc), enc.attention_mask)
@@ -376,6 +389,8 @@ class AlignmentModule(L.LightningModule):
         soft = self.soft_tokens(batch)
         enc, embeds = self.student_batch(batch, replies, soft=soft)
         hidden = self.llm.hidden_states(embeds, enc.attention_mask)
+        if self.aux is not None and batch.get("clip_counts") is not None:
+            raise ConfigError("model.aux_head classifies one clip per example; it cannot train on dialogue examples (data.dialogue_manifest): set aux_head: none")
         if self.aux is not None:
             loss, parts = self._response_loss(examples, replies, enc, hidden)
             logits = self.aux(soft[0][:, : self.adapter.num_summary_tokens])
@@ -547,11 +562,16 @@ class AlignmentData(L.LightningDataModule):
             rest and write every bad item to ``bad_items_report``) or ``"off"`` (no check up front).
         bad_items_report: JSONL file for the skipped items (default
             ``<log dir>/bad_items-<manifest name>.jsonl``).
+        dialogue_manifest: optional JSONL of multi-turn dialogue examples (speech in any user turn,
+            schema in docs/data.md, :mod:`paraencoder.data.dialogues`), mixed into the training
+            batches; their targets are literal or teacher replies to a text view of the dialogue.
+            ``train_manifest`` may then be omitted. Not affected by ``tasks``/``max_examples``.
+        val_dialogue_manifest: the same for validation.
     """
 
     def __init__(
         self,
-        train_manifest: str,
+        train_manifest: str | None = None,
         val_manifest: str | None = None,
         tasks: list[str] = ["respond", "emotion"],  # noqa: B006 - jsonargparse needs a literal default
         llm: str = "smollm2-135m-instruct",
@@ -573,6 +593,8 @@ class AlignmentData(L.LightningDataModule):
         system_prompt: str | None = None,
         bad_items: str = "fail",
         bad_items_report: str | None = None,
+        dialogue_manifest: str | None = None,
+        val_dialogue_manifest: str | None = None,
     ):
         super().__init__()
         if bad_items not in ("fail", "skip", "off"):
@@ -683,10 +705,27 @@ class AlignmentData(L.LightningDataModule):
         return mine if mine is not None else theirs
 
     def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = AlignmentDataset(self._examples(self.hparams.train_manifest), seed=self.hparams.seed)
-        if self.val_set is None and self.hparams.val_manifest and stage in (None, "fit", "validate"):
-            self.val_set = AlignmentDataset(self._examples(self.hparams.val_manifest), seed=self.hparams.seed)
+            if not hp.train_manifest and not hp.get("dialogue_manifest"):
+                raise ConfigError("give data.train_manifest (utterances) and/or data.dialogue_manifest (dialogues)")
+            examples = self._examples(hp.train_manifest) if hp.train_manifest else []
+            self.train_set = AlignmentDataset(examples + self._dialogue_examples(hp.get("dialogue_manifest")), seed=hp.seed)
+        if self.val_set is None and (hp.val_manifest or hp.get("val_dialogue_manifest")) and stage in (None, "fit", "validate"):
+            examples = self._examples(hp.val_manifest) if hp.val_manifest else []
+            self.val_set = AlignmentDataset(examples + self._dialogue_examples(hp.get("val_dialogue_manifest")), seed=hp.seed)
+
+    def _dialogue_examples(self, manifest: str | None) -> list[AlignmentExample]:
+        """Dialogue examples of a dialogue manifest with their targets (teacher replies cached like all others)."""
+        if not manifest:
+            return []
+        from paraencoder import backbones
+        from paraencoder.data.dialogues import load_dialogue_examples
+
+        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
+        cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
+        decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
+        return load_dialogue_examples(manifest, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
 
     def _loader(self, dataset: AlignmentDataset, shuffle: bool) -> torch.utils.data.DataLoader:
         hp = self.hparams

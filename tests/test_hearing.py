@@ -303,3 +303,19 @@ def test_emotion_suite_reports_trained_unseen_and_yes_no_against_hand_counts(toy
     four = result["metrics"]["emotion4"]
     assert four["trained"] == {"accuracy": pytest.approx(0.5), "n": 6}
     assert all(row["unseen_question"] in held_out for row in result["rows"])
+
+
+def test_demo_runs_its_own_copy_of_the_recipe_with_paths_under_out(tmp_path):
+    import yaml
+
+    from paraencoder.demo import REPO, render_report, run_recipe
+
+    manifests = {"train": tmp_path / "data" / "train.jsonl", "test_ravdess": tmp_path / "data" / "r.jsonl", "test_speechocean": tmp_path / "data" / "o.jsonl"}
+    path = run_recipe(REPO / "recipes" / "hearing.yaml", tmp_path, manifests)
+    config = yaml.safe_load(path.read_text())
+    curve = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("HearingCurve"))["init_args"]
+    assert curve["manifests"] == {"emotion": str(manifests["test_ravdess"]), "age": str(manifests["test_speechocean"])}
+    assert curve["out_dir"] == str(tmp_path / "curve")
+    metrics = {"n": 48, "chance": 0.125, "speech": {"accuracy": 0.5}, "transcript": {"accuracy": 0.125}, "phrasings": {"trained": {"no_label": 0.0}, "unseen": {"accuracy": 0.4, "no_label": 0.02}, "unseen_yesno": {"accuracy": 0.7}}}
+    report = render_report({"emotion": {"metrics": metrics}}, {"eval: total": 1.0}, tmp_path, True, Path("checkpoints/x"))
+    assert "Nothing was trained" in report and "| emotion | 48 | 50.0% | 40.0% | 70.0% | 0.0% / 2.0% | 12.5% | - | 12.5% (yes/no 50%) |" in report

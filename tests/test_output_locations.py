@@ -51,7 +51,11 @@ def test_check_writable_names_what_and_where(tmp_path, kind):
     target = blocker if kind == "file_in_the_way" else blocker / "sub"
     with pytest.raises(ParaencoderError, match=rf"the checkpoint directory {target} is not usable: cannot write"):
         check_writable(target, "the checkpoint directory")
-    assert check_writable(tmp_path / "new" / "dir", "x").is_dir()
+    assert check_writable(tmp_path / "new" / "dir", "x") == tmp_path / "new" / "dir"
+    assert not (tmp_path / "new").exists()  # what it created to probe is gone again
+    (tmp_path / "kept").mkdir()
+    check_writable(tmp_path / "kept", "x")
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())
 
 
 def make(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus, export_dir):

@@ -250,3 +250,11 @@ def test_seeded_generation_restores_the_global_rng():
     assert torch.equal(after, torch.rand(3))
     again = llm.generate_embeds(llm.embed(batch), batch.attention_mask, max_new_tokens=3, do_sample=True, generator_seed=7)
     assert again == first  # the seed still fixes the sample
+
+
+def test_template_that_rewrites_contents_is_refused():
+    """A template that upper-cases contents cannot be split into template and user text: say so."""
+    llm = build_llm("qwen2")
+    llm.tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
+    with pytest.raises(PromptError, match="does not write the user message as given"):
+        llm.encode(["hi <|im_end|>"], require_speech=False)

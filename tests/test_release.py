@@ -42,4 +42,8 @@ def test_released_adapter_answers_from_speech(tmp_path):
     assert all(extract_emotion(r) is not None for r in replies), replies
     # The words still come through: asked to repeat, it says something about kids/dogs at the door.
     assert isinstance(adapter.generate(str(clips[0]), max_new_tokens=16), str)
-    assert backbones.resolve_llm("smollm2-135m-instruct") is adapter.llm
+    shared = backbones.resolve_llm("smollm2-135m-instruct")
+    # The adapter uses the memoised LLM's weights; its stored system prompt stays on its own view.
+    assert adapter.llm.model is shared.model
+    if adapter.system_prompt is not None:
+        assert adapter.llm is not shared and shared.system_prompt is None

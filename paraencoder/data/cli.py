@@ -1,4 +1,4 @@
-"""``paraencoder data``: build manifests from corpora in their original layouts, validate, split, synthesize."""
+"""``paraencoder data``: build manifests from corpora in their original layouts, validate, split, synthesize, make dialogues."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def main(argv: list[str]) -> int:
     synth.add_argument("out", type=Path)
     synth.add_argument("-n", type=int, default=100)
     synth.add_argument("--seed", type=int, default=0)
+
+    dialogues = sub.add_parser("dialogues", help="two-turn dialogue manifest (speech in both user turns) from a labelled manifest")
+    dialogues.add_argument("manifest", type=Path, help="utterances with transcript and emotion")
+    dialogues.add_argument("--out", type=Path, required=True, help="dialogue manifest to write (.jsonl)")
+    dialogues.add_argument("-n", type=int, default=64)
+    dialogues.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
     from paraencoder.data.manifest import load_manifest, validate_manifest, write_manifest
@@ -83,4 +89,11 @@ def main(argv: list[str]) -> int:
 
         utts = synthesize_corpus(args.out, args.n, args.seed)
         print(f"{args.out}: {len(utts)} synthetic clips (manifest.jsonl)")
+    elif args.command == "dialogues":
+        from paraencoder.data.dialogues import make_dialogues, write_dialogue_manifest
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        rows = make_dialogues(load_manifest(args.manifest), args.n, seed=args.seed, base_dir=args.out.parent)
+        write_dialogue_manifest(args.out, rows)
+        print(f"{args.out}: {len(rows)} two-turn dialogues from {args.manifest}")
     return 0

@@ -37,6 +37,17 @@ class AlignmentExample:
     transcript: str | None = None
     question: dict = field(default_factory=dict)  # bank questions: attribute, form, text, candidate
 
+    @classmethod
+    def of(cls, utt, task: str, student_prompt: str, teacher_prompt: str, **fields) -> "AlignmentExample":
+        """An example for utterance ``utt`` (its audio window, labels and transcript)."""
+        labels = dict(utt.labels())
+        if utt.transcript:
+            labels["transcript"] = utt.transcript
+        return cls(
+            utt_id=utt.id, audio=utt.audio, offset=utt.offset or 0.0, duration=utt.duration, task=task, student_prompt=student_prompt,
+            teacher_prompt=teacher_prompt, labels=fields.pop("labels", labels), transcript=utt.transcript, **fields,
+        )
+
 
 def build_examples(utterances: Sequence, tasks: Sequence[Task], *, system: str | None = None, source: str = "manifest") -> list[AlignmentExample]:
     """One example per (utterance, task) whose needed labels the utterance has.
@@ -54,21 +65,8 @@ def build_examples(utterances: Sequence, tasks: Sequence[Task], *, system: str |
             if not task.applies(labels):
                 continue
             applied += 1
-            examples.append(
-                AlignmentExample(
-                    utt_id=utt.id,
-                    audio=utt.audio,
-                    offset=utt.offset or 0.0,
-                    duration=utt.duration,
-                    task=task.name,
-                    student_prompt=task.student,
-                    teacher_prompt=task.teacher_prompt(utt.transcript or "", labels),
-                    system=system,
-                    reply=utt.transcript if task.reply == "transcript" else None,
-                    labels=labels,
-                    transcript=utt.transcript,
-                )
-            )
+            reply = utt.transcript if task.reply == "transcript" else None
+            examples.append(AlignmentExample.of(utt, task.name, task.student, task.teacher_prompt(utt.transcript or "", labels), system=system, reply=reply))
         if not applied:
             missing = sorted({k for t in tasks for k in t.needs if labels.get(k) in (None, "")})
             raise ManifestError(
@@ -107,21 +105,8 @@ def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: 
             rng = random.Random(hashlib.sha256(f"{seed}|{utt.id}|{attr}".encode()).hexdigest())
             for q in rng.sample(list(bank), min(per_item, len(bank))):
                 slots = question_slots(q, label, f"{seed}|{utt.id}")
-                examples.append(
-                    AlignmentExample(
-                        utt_id=utt.id,
-                        audio=utt.audio,
-                        offset=utt.offset or 0.0,
-                        duration=utt.duration,
-                        task=f"{attr}/{q.form}",
-                        student_prompt=q.student(**slots),
-                        teacher_prompt=q.teacher(label, **slots),
-                        system=system,
-                        labels=labels,
-                        transcript=utt.transcript,
-                        question={"attribute": attr, "form": q.form, "text": q.text, "candidate": slots.get("candidate")},
-                    )
-                )
+                question = {"attribute": attr, "form": q.form, "text": q.text, "candidate": slots.get("candidate")}
+                examples.append(AlignmentExample.of(utt, f"{attr}/{q.form}", q.student(**slots), q.teacher(label, **slots), system=system, question=question))
     return examples
 
 
@@ -155,6 +140,12 @@ class AlignmentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
+        if getattr(ex, "clips", None):  # a dialogue example (paraencoder.data.dialogues): every clip, in reading order
+            waves = [load_audio(c.audio, offset=c.offset, duration=c.duration) for c in ex.clips]
+            if self.augment is not None:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+                waves = [np.asarray(self.augment.apply_wave(torch.from_numpy(w), generator), dtype=np.float32) for w in waves]
+            return {"waves": waves, "example": ex}
         wave = load_audio(ex.audio, offset=ex.offset, duration=ex.duration)
         if self.augment is not None:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -176,6 +167,25 @@ class AlignmentDataset(torch.utils.data.Dataset):
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Pad waves into ``[B, T]`` + lengths; keep the examples for prompt building."""
+    """Pad waves into ``[B, T]`` + lengths; keep the examples for prompt building.
+
+    A batch holding dialogue examples (several clips each) pads every clip of the batch into
+    ``[N_clips, T]`` and adds ``clip_counts`` (clips per example, in order) and ``clip_keys``
+    (``(audio, offset, duration)`` per clip, for the encoder cache).
+    """
+    if any("waves" in it for it in items):
+        flat, keys, counts = [], [], []
+        for it in items:
+            ex = it["example"]
+            if "waves" in it:
+                flat += list(it["waves"])
+                keys += [(c.audio, c.offset, c.duration) for c in ex.clips]
+                counts.append(len(it["waves"]))
+            else:
+                flat.append(it["wave"])
+                keys.append((ex.audio, ex.offset, ex.duration))
+                counts.append(1)
+        waves, lengths = pad_waves(flat)
+        return {"waves": waves, "lengths": lengths, "examples": [it["example"] for it in items], "clip_counts": counts, "clip_keys": keys}
     waves, lengths = pad_waves([it["wave"] for it in items])
     return {"waves": waves, "lengths": lengths, "examples": [it["example"] for it in items]}

@@ -332,21 +332,7 @@ def qa_examples(utterances: Sequence, qa: dict[str, list[dict]], *, reply: str =
     examples = []
     for utt in utterances:
         for pair in qa.get(utt.id, []):
-            labels = dict(utt.labels())
-            labels["transcript"] = utt.transcript
-            examples.append(
-                AlignmentExample(
-                    utt_id=utt.id,
-                    audio=utt.audio,
-                    offset=utt.offset or 0.0,
-                    duration=utt.duration,
-                    task="qa",
-                    student_prompt=f"{SPEECH}\n{pair['question']}",
-                    teacher_prompt=f'Someone said "{utt.transcript}" {render_metadata(utt)}\n{pair["question"]}',
-                    system=system,
-                    reply=pair["answer"] if reply == "answer" else None,
-                    labels=labels,
-                    transcript=utt.transcript,
-                )
-            )
+            teacher = f'Someone said "{utt.transcript}" {render_metadata(utt)}\n{pair["question"]}'
+            answer = pair["answer"] if reply == "answer" else None
+            examples.append(AlignmentExample.of(utt, "qa", f"{SPEECH}\n{pair['question']}", teacher, system=system, reply=answer))
     return examples

@@ -39,10 +39,15 @@ class Decoding:
 
 @dataclass(frozen=True)
 class TeacherRequest:
-    """One reply to generate: the teacher's user prompt (transcript + stated cues) and its system prompt."""
+    """One reply to generate: the teacher's user prompt (transcript + stated cues) and its system prompt.
+
+    ``history``: earlier ``(user, assistant)`` text turns of a dialogue (the teacher's view of a
+    multi-turn example, :mod:`paraencoder.data.dialogues`); empty for single-turn prompts.
+    """
 
     prompt: str
     system: str | None = None
+    history: tuple = ()
 
 
 def teacher_key(llm_identity: dict, request: TeacherRequest, decoding: Decoding, chat_template: str | None = None) -> str:
@@ -56,6 +61,8 @@ def teacher_key(llm_identity: dict, request: TeacherRequest, decoding: Decoding,
         "system": request.system,
         "decoding": decoding.as_dict(),
     }
+    if request.history:  # only then: keys of single-turn prompts stay as they were
+        payload["history"] = [list(turn) for turn in request.history]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -146,7 +153,7 @@ def generate_teacher_replies(
     template = getattr(llm.tokenizer, "chat_template", None)
     # The effective system prompt (the LLM's default when a request has none) is part of the key.
     default_system = getattr(llm, "system_prompt", None)
-    requests = [r if r.system is not None else TeacherRequest(r.prompt, default_system) for r in requests]
+    requests = [r if r.system is not None else TeacherRequest(r.prompt, default_system, r.history) for r in requests]
     keys = [teacher_key(llm.identity, r, decoding, template) for r in requests]
     unique: dict[str, TeacherRequest] = {}
     for key, request in zip(keys, requests):
@@ -169,6 +176,7 @@ def generate_teacher_replies(
             replies = llm.generate_text(
                 [r.prompt for _, r in group],
                 system=system,
+                histories=[list(r.history) for _, r in group] if any(r.history for _, r in group) else None,
                 max_new_tokens=decoding.max_new_tokens,
                 do_sample=decoding.do_sample,
                 temperature=decoding.temperature,
