@@ -372,6 +372,12 @@ class AlignmentModule(L.LightningModule):
                 "kl_weight > 0 with dialogue examples that carry their own system message mixed with others in one "
                 "batch; give every dialogue the same system message (or none), or train them with CE only"
             )
+        blind = [ex.utt_id for ex in examples if getattr(ex, "turns", None) and not ex.teacher_prompt]
+        if blind:
+            raise ConfigError(
+                f"kl_weight > 0 but dialogue example(s) {blind[:3]} have no teacher text view (a literal 'reply' and clips "
+                "without 'transcript'); give the clips transcripts, or train them with CE only"
+            )
         histories = [list(getattr(ex, "teacher_history", ()) or ()) for ex in examples]
         with torch.no_grad():
             enc = self.llm.encode(

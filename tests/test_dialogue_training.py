@@ -13,7 +13,7 @@ import yaml
 
 from conftest import tone
 from paraencoder.audio import load_audio
-from paraencoder.data.dataset import AlignmentDataset, collate
+from paraencoder.data.dataset import collate
 from paraencoder.data.dialogues import load_dialogue_manifest, parse_dialogue_row
 from paraencoder.data.teacher import Decoding, TeacherRequest, iter_cache_records, teacher_key
 from paraencoder.dialogue import dialogue_inputs, parse_messages
@@ -117,6 +117,8 @@ BAD = [
     (lambda r: {**r, "teacher": [{"role": "user", "content": "the clip as text"}]}, "teacher", "the teacher view is the same conversation"),
     (lambda r: {**r, "teacher": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "other"}, {"role": "user", "content": "b"}]}, "teacher", "differs from the one in messages"),
     (lambda r: {**r, "meta": []}, "meta", "must be an object"),
+    (lambda r: {**r, "teacher": "one prompt"}, "teacher", "only a one-turn dialogue"),
+    (lambda r: {**r, "teacher": {"role": "user"}}, "teacher", "must be a non-empty list"),
 ]
 
 
@@ -129,6 +131,28 @@ def test_bad_dialogue_lines_name_file_line_and_field(tmp_path, clips, edit, fiel
     err = info.value
     assert (err.path, err.line, err.field) == (str(path), 2, field), str(err)
     assert reason in err.reason and f"{path}:2 field '{field}'" in str(err)
+
+
+def test_given_teacher_view_and_literal_reply(clips):
+    row = two_turn(clips, teacher=[
+        {"role": "user", "content": "A cheerful voice says: kids are talking by the door.\n" + QUESTION},
+        {"role": "assistant", "content": "The speaker sounds happy and cheerful today."},
+        {"role": "user", "content": [{"type": "text", "text": "A sad voice says: dogs are sitting by the door."}, "And now?"]},
+    ])
+    item = parse_dialogue_row(row, source="m.jsonl", line=3)
+    assert item.teacher_given and item.reply is None
+    assert item.teacher_turns[2]["content"] == "A sad voice says: dogs are sitting by the door.\nAnd now?"
+    one = {"id": "o", "messages": [{"role": "user", "content": [audio_part(clips / "a.wav")]}], "teacher": "Someone says hi."}
+    assert parse_dialogue_row(one).teacher_turns == [{"role": "user", "content": "Someone says hi."}]
+    literal = parse_dialogue_row({**two_turn(clips), "reply": "A sad voice."})
+    assert literal.reply == "A sad voice." and literal.teacher_turns == item_derived(clips).teacher_turns  # the view KL uses
+    bare = two_turn(clips, reply="A sad voice.")
+    del bare["messages"][0]["content"][0]["transcript"]
+    assert parse_dialogue_row(bare).teacher_turns is None  # a literal reply needs no transcript
+
+
+def item_derived(clips):
+    return parse_dialogue_row(two_turn(clips))
 
 
 def test_file_level_errors(tmp_path, clips):
@@ -366,6 +390,7 @@ def test_kl_on_dialogues_uses_the_teacher_history(dialogue_setup, tiny_llm_dir, 
     kl = make_module(tiny_llm_dir, tiny_whisper_dir, system_prompt="You are a helpful assistant.", kl_weight=0.5).eval()
     kl.adapter.load_state_dict(module.adapter.state_dict())
     ex = batch["examples"][1]
+    assert ex.teacher_prompt.startswith('"Dogs are sitting by the door."') and ex.teacher_history  # derived although the reply is literal
     saved = (ex.system, ex.teacher_history, ex.teacher_prompt)  # the fixture is shared: restore after
     ex.teacher_history, ex.teacher_prompt = (("the first clip as text", "The speaker sounds happy and cheerful today."),), "the second clip as text"
     try:
@@ -380,6 +405,9 @@ def test_kl_on_dialogues_uses_the_teacher_history(dialogue_setup, tiny_llm_dir, 
         ex.system = "Another system prompt."
         with pytest.raises(ConfigError, match="own system message"):
             kl.teacher_hidden(batch["examples"], [e.reply for e in batch["examples"]])
+        ex.system, ex.teacher_prompt = saved[0], ""
+        with pytest.raises(ConfigError, match="no teacher text view"):
+            kl.teacher_hidden(batch["examples"], [e.reply for e in batch["examples"]])
     finally:
         ex.system, ex.teacher_history, ex.teacher_prompt = saved
 
@@ -389,3 +417,46 @@ def test_aux_head_refuses_dialogue_batches(dialogue_setup, tiny_llm_dir, tiny_wh
     aux = make_module(tiny_llm_dir, tiny_whisper_dir, summary_tokens=1, aux_head="linear", aux_weight=0.1)
     with pytest.raises(ConfigError, match="aux_head"):
         aux.compute_loss(batch)
+
+
+def test_utterance_only_batches_keep_their_shape_and_path(dialogue_setup, tiny_llm_dir, tiny_whisper_dir):
+    """Without dialogue examples a batch is as before (no clip fields) and goes through FrozenLLM.encode."""
+    _, data, _ = dialogue_setup
+    single = [data.train_set[i] for i, ex in enumerate(data.train_set.examples) if ex.task != "dialogue"]
+    batch = collate(single)
+    assert set(batch) == {"waves", "lengths", "examples"}
+    module = make_module(tiny_llm_dir, tiny_whisper_dir, system_prompt="You are a helpful assistant.", kl_weight=0.5, cache_encoder=True)
+    with torch.no_grad():
+        loss, parts = module.compute_loss(batch)
+        enc, _ = module.student_batch(batch)
+        ex = batch["examples"][0]
+        want = module.llm.encode([ex.student_prompt], num_speech_tokens=[int(module.adapter.token_lengths(batch["lengths"])[0])], replies=[ex.reply])
+    assert torch.isfinite(loss) and torch.equal(enc.input_ids, want.input_ids) and torch.equal(enc.labels, want.labels)
+
+
+def test_cli_fit_on_dialogues_only(tmp_path, clips, tiny_llm_dir, tiny_whisper_dir):
+    """``paraencoder fit`` with the dialogue recipe, no utterance manifest: trains and writes a loadable adapter."""
+    import subprocess
+    import sys
+
+    from paraencoder.adapter import SpeechAdapter
+
+    recipe = yaml.safe_load((REPO / "recipes" / "dialogue_tiny.yaml").read_text())
+    recipe["model"]["init_args"].update(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), layer="last", stack=2, projector_dim=64, export_dir=str(tmp_path / "adapter"))
+    manifest = write_jsonl(tmp_path / "d.jsonl", [two_turn(clips, "d1"), two_turn(clips, "d2", reply="A sad voice.")])
+    recipe["data"]["init_args"].update(train_manifest=None, dialogue_manifest=str(manifest), teacher_cache=str(tmp_path / "teacher"), teacher_max_new_tokens=6, batch_size=2)
+    recipe["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run(
+        [sys.executable, "-m", "paraencoder.cli", "fit", "--config", str(path), "--trainer.max_steps", "2"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = SpeechAdapter.from_pretrained(tmp_path / "adapter", llm=str(tiny_llm_dir))
+    reply = adapter.chat([
+        {"role": "user", "content": [{"type": "audio", "audio": str(clips / "a.wav")}, QUESTION]},
+        {"role": "assistant", "content": "The speaker sounds happy and cheerful today."},
+        {"role": "user", "content": [{"type": "audio", "audio": str(clips / "b.wav")}, "And now?"]},
+    ], max_new_tokens=4)
+    assert isinstance(reply, str)

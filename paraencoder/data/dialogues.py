@@ -232,7 +232,13 @@ def parse_dialogue_row(row: Any, *, source: str = "<dict>", line: int | None = N
         item.reply = _text(reply, source, line, "reply")
         if not item.reply.strip():
             raise _err(source, line, "reply", "is empty; give the assistant's reply, or drop 'reply' to let the teacher write it")
+        if all(c.transcript for c in clips):  # a text view for KL (kl_weight > 0), when it can be derived
+            item.teacher_turns = derive_teacher_turns(turns, clips)
         return item
+    if isinstance(teacher, str):  # shorthand for a one-turn dialogue: the teacher's user prompt
+        if len(turns) != 1:
+            raise _err(source, line, "teacher", f"is a string, which only a one-turn dialogue can take; this one has {len(turns)} turns: give the teacher view as a messages list")
+        teacher = [{"role": "user", "content": teacher}]
     if teacher is not None:
         t_turns, _, t_system = _messages(teacher, ident, source, line, "teacher", base_dir, allow_audio=False)
         if [t["role"] for t in t_turns] != [t["role"] for t in turns]:
@@ -253,16 +259,20 @@ def parse_dialogue_row(row: Any, *, source: str = "<dict>", line: int | None = N
             source, line, "messages",
             f"clip {missing[0] + 1} has no 'transcript', so the teacher's text view cannot be derived; give the clip's transcript, a 'teacher' view or a literal 'reply'",
         )
-    texts = iter(describe_clip(c) for c in clips)
-    item.teacher_turns = [{"role": t["role"], "content": _fill(t["content"], texts)} for t in turns]
+    item.teacher_turns = derive_teacher_turns(turns, clips)
     return item
 
 
-def _fill(content: str, texts: Iterator[str]) -> str:
-    pieces = content.split(SPEECH)
-    out = pieces[0]
-    for piece in pieces[1:]:
-        out += next(texts) + piece
+def derive_teacher_turns(turns: list[dict], clips: Sequence[DialogueClip]) -> list[dict]:
+    """The teacher's text view: the turns with the k-th ``<speech>`` replaced by :func:`describe_clip` of clip k."""
+    texts = iter(describe_clip(c) for c in clips)
+    out = []
+    for turn in turns:
+        pieces = turn["content"].split(SPEECH)
+        content = pieces[0]
+        for piece in pieces[1:]:
+            content += next(texts) + piece
+        out.append({"role": turn["role"], "content": content})
     return out
 
 
@@ -391,19 +401,23 @@ def dialogue_examples(items: Sequence[DialogueItem], *, llm=None, check_audio: b
         line_no = int(line) if line.isdigit() else None
         path = path if line_no is not None else item.source
         if llm is not None:
-            try:
-                llm.encode_dialogues([item.turns], num_speech_tokens=[[1] * len(item.clips)], systems=[item.system], padding_side="right")
-                if item.reply is not None:
-                    llm.text_ids(item.reply, what="the reply")
-                else:
-                    llm.encode([item.teacher_turns[-1]["content"]], system=item.system, histories=[_history(item.teacher_turns)], require_speech=False)
-            except PromptError as exc:
-                raise ManifestError(path, line_no, "reply" if item.reply is not None and "reply" in str(exc) else "messages", f"dialogue {item.id!r}: {exc}") from None
+            checks = [("messages", lambda: llm.encode_dialogues([item.turns], num_speech_tokens=[[1] * len(item.clips)], systems=[item.system], padding_side="right"))]
+            if item.reply is not None:
+                checks.append(("reply", lambda: llm.text_ids(item.reply, what="the reply")))
+            else:
+                checks.append(("teacher" if item.teacher_given else "messages", lambda: llm.encode(
+                    [item.teacher_turns[-1]["content"]], system=item.system, histories=[_history(item.teacher_turns)], require_speech=False, sources=["the teacher view"],
+                )))
+            for name, check in checks:
+                try:
+                    check()
+                except PromptError as exc:
+                    raise ManifestError(path, line_no, name, f"dialogue {item.id!r}: {exc}") from None
         try:
             seconds = sum(_clip_seconds(c) for c in item.clips) if check_audio else sum(float(c.duration or 0.0) for c in item.clips)
         except Exception as exc:  # noqa: BLE001 - unreadable header: report the line
             raise ManifestError(path, line_no, "messages", f"dialogue {item.id!r}: cannot read a clip's header ({exc})") from None
-        teacher = item.teacher_turns if item.reply is None else None
+        teacher = item.teacher_turns
         examples.append(
             DialogueExample(
                 utt_id=item.id,
