@@ -2,17 +2,18 @@
 
 ``paraencoder demo --data ../shared/data`` (or ``make demo``):
 
-1. data     RAVDESS actors 01-16 + all speechocean762 training speakers → ``train.jsonl``;
-            actors 17-20 and held-out speechocean762 speakers → test manifests (split by speaker).
-2. teacher  frozen SmolLM2 answers to the question bank with the emotion / age stated (cached).
-3. train    ``recipes/hearing.yaml`` through the same LightningCLI as ``paraencoder fit``, with a
-            learning curve on the held-out speakers (``curve/curve.png``).
+1. data     RAVDESS actors 01-16 + speechocean762 training speakers (240 clips; ``--ocean-train-clips 0``
+            for all) → ``train.jsonl``; actors 17-20 and held-out speechocean762 speakers → test
+            manifests (split by speaker).
+2. teacher  frozen SmolLM2 replies to transcript + stated emotion / age (cached, resumable).
+3. train    ``recipes/quickstart.yaml`` (or ``--recipe recipes/hearing.yaml``: question bank, summary
+            tokens, learning curve under ``curve/``) through the same LightningCLI as ``paraencoder fit``.
 4. eval     emotion (8-class), child vs adult, asked in the trained phrasing and in held-out
             phrasings, with transcript-only and text + stated-cue baselines in the same run.
 5. report   ``report.md`` + PNGs + ``timings.json`` in the output directory.
 
 ``--quick`` (a few minutes) trains nothing: it evaluates the released adapter
-(``checkpoints/hearing-whisper-base-smollm2``, what the full demo reproduces) on class-stratified
+(``checkpoints/quickstart-whisper-base-smollm2``, what the full demo reproduces) on class-stratified
 held-out clips, every class present, and says so in the report.
 
 Each stage's wall time is recorded. Finished stages are not redone on a rerun: manifests and the
@@ -30,7 +31,7 @@ from pathlib import Path
 from paraencoder.io import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASED = REPO / "checkpoints" / "hearing-whisper-base-smollm2"
+RELEASED = REPO / "checkpoints" / "quickstart-whisper-base-smollm2"
 QUICK_PER_CLASS = {"emotion": 6, "age": 24}
 """Held-out clips per class in ``--quick`` (48 RAVDESS, 48 speechocean762: every class present)."""
 
@@ -39,7 +40,7 @@ def _default_data() -> Path:
     return Path(os.environ.get("PARAENCODER_SHARED_DATA", Path.cwd().parent / "shared" / "data"))
 
 
-def build_manifests(data: Path, out: Path, *, quick: bool, seed: int = 0) -> dict[str, Path]:
+def build_manifests(data: Path, out: Path, *, quick: bool, seed: int = 0, ocean_train_clips: int = 240) -> dict[str, Path]:
     """Speaker-independent manifests from the shared corpora (or a user path in the same layout)."""
     from paraencoder.data.manifest import load_manifest, write_manifest
     from paraencoder.data.splits import ravdess_actor_split, split_by_speaker
@@ -55,6 +56,14 @@ def build_manifests(data: Path, out: Path, *, quick: bool, seed: int = 0) -> dic
         ocean = split_by_speaker(load_manifest(ocean_meta), {"train": 0.8, "test": 0.2}, seed=seed, stratify="age_group")
         splits["train"] += ocean["train"]
         splits["test_speechocean"] = ocean["test"]
+    ocean_train = [u for u in splits["train"] if u.age_group]
+    if ocean_train_clips and len(ocean_train) > ocean_train_clips:
+        # speechocean762 transcripts are all distinct, so with the `respond` task each clip costs a
+        # teacher generation; a seeded sample of its training speakers' clips keeps the demo short.
+        import random
+
+        keep = {u.id for u in random.Random(seed + 1).sample(ocean_train, ocean_train_clips)}
+        splits["train"] = [u for u in splits["train"] if not u.age_group or u.id in keep]
     if quick:
         # A few minutes: class-stratified held-out clips (every class present), same speakers.
         from paraencoder.learning_curve import stratified_sample
@@ -120,7 +129,7 @@ def render_report(results: dict, timings: dict, out: Path, quick: bool, adapter_
         )
     else:
         lines.append(f"Mode: **full**: trained `{adapter_dir}` with the recipe in `recipe.yaml`, evaluated on every held-out clip.")
-    lines.append("LLM frozen (SmolLM2-135M-Instruct, bit-identical), encoder Whisper-base (frozen) + trained summary tokens and projector.")
+    lines.append("LLM frozen (SmolLM2-135M-Instruct, bit-identical), encoder Whisper-base (frozen) + a trained layer mix and projector (summary tokens with recipes/hearing.yaml).")
     lines.append("Held-out speakers only: RAVDESS actors 17-20, speechocean762 speakers never trained on.")
     lines.append("")
     lines.append("| task | clips | speech, trained phrasing | speech, unseen phrasings | speech, unseen yes/no | no label (trained / unseen) | transcript only | text + stated cue | chance |")
@@ -152,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paraencoder demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="folder with ravdess/ and speechocean762/ metadata.jsonl (default ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
-    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "hearing.yaml")
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "quickstart.yaml", help="recipes/hearing.yaml: question bank + summary tokens (docs/hearing.md)")
+    parser.add_argument("--ocean-train-clips", type=int, default=240, help="speechocean762 training clips used (0 = all; the quickstart's respond task costs one teacher reply per clip)")
     parser.add_argument("--quick", action="store_true", help="a few minutes: evaluate the released adapter on stratified held-out clips (no training)")
     parser.add_argument("--adapter", type=Path, default=RELEASED, help="the adapter --quick evaluates")
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
     t = time.perf_counter()
-    manifests = build_manifests(data, out, quick=args.quick)
+    manifests = build_manifests(data, out, quick=args.quick, ocean_train_clips=args.ocean_train_clips)
     timings["data: manifests"] = time.perf_counter() - t
     print(f"[demo] manifests: {', '.join(f'{k}={v}' for k, v in manifests.items())}")
 

@@ -503,8 +503,18 @@ class AlignmentModule(L.LightningModule):
         print(f"adapter written to {target}")
 
 
+def first_clause(text: str | None) -> str:
+    """The reply up to its first comma, semicolon, colon or sentence end (``"The speaker is sad, ..."`` -> ``"The speaker is sad"``)."""
+    import re
+
+    return re.split(r"[,;:.!?]", text or "", maxsplit=1)[0]
+
+
 def filter_teacher_answers(examples: list[AlignmentExample], *, source: str = "manifest") -> list[AlignmentExample]:
-    """Keep question-bank examples whose teacher reply parses to the right answer (others untouched); prints counts per format."""
+    """Keep question-bank examples whose teacher reply gives the right answer in its first clause (others untouched); prints counts per format.
+
+    Yes/no replies are scored whole ("The speaker is not sad." answers "no").
+    """
     from collections import Counter
 
     from paraencoder.eval.labels import score_answer
@@ -516,7 +526,10 @@ def filter_teacher_answers(examples: list[AlignmentExample], *, source: str = "m
             kept.append(ex)
             continue
         total[ex.task] += 1
-        _, correct = score_answer(q["attribute"], q["form"], ex.reply, ex.labels.get(q["attribute"]), q.get("candidate"))
+        # The answer must come first: a reply that hedges before naming the class ("a mix of emotions,
+        # but the most fitting choice is ...") teaches the student to hedge, and the label comes late.
+        reply = ex.reply if q["form"] == "yesno" else first_clause(ex.reply)
+        _, correct = score_answer(q["attribute"], q["form"], reply, ex.labels.get(q["attribute"]), q.get("candidate"))
         if correct:
             kept.append(ex)
         else:
