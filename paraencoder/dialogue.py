@@ -113,6 +113,16 @@ def _part_to_text(part: Any, *, where: str, sample_rate: int | None, max_seconds
     raise PromptError(f"{where}: unsupported content part type {kind!r}; use 'text', 'input_audio' or 'audio'")
 
 
+
+def add_turn(turns: list[dict], system_parts: list[str], role: str, text: str) -> None:
+    """Append one message's text: system text is collected apart, consecutive messages of one role merge into one turn."""
+    if role == "system":
+        system_parts.append(text)
+    elif turns and turns[-1]["role"] == role:
+        turns[-1]["content"] += "\n" + text
+    else:
+        turns.append({"role": role, "content": text})
+
 def parse_messages(
     messages: Sequence[dict],
     *,
@@ -156,13 +166,7 @@ def parse_messages(
         ]
         if role != "user" and len(clips) > before:
             raise PromptError(f"{where}: only user messages may hold audio ({role} message has an audio part)")
-        text = "\n".join(texts)
-        if role == "system":
-            system_parts.append(text)
-        elif turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n" + text
-        else:
-            turns.append({"role": role, "content": text})
+        add_turn(turns, system_parts, role, "\n".join(texts))
     if not turns or turns[0]["role"] != "user":
         raise PromptError("the conversation must start with a user message (after any system messages)")
     if turns[-1]["role"] != "user":

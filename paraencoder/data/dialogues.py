@@ -39,7 +39,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from paraencoder.data.dataset import AlignmentExample
-from paraencoder.data.manifest import LABEL_FIELDS, SPEECH_PLACEHOLDER, _check_unicode, _parse_row, _read_lines
+from paraencoder.data.manifest import LABEL_FIELDS, SPEECH_PLACEHOLDER, _check_unicode, _parse_row, _read_lines, check_id
+from paraencoder.dialogue import add_turn
 from paraencoder.errors import ManifestError, PromptError
 
 SPEECH = SPEECH_PLACEHOLDER
@@ -176,13 +177,7 @@ def _messages(
                 raise _err(source, line, f"{pwhere}.type", "input_audio (base64) is for requests; in a manifest use {\"type\": \"audio\", \"audio\": <path>}")
             else:
                 raise _err(source, line, f"{pwhere}.type", f"is {kind!r}; use 'text' or 'audio'")
-        text = "\n".join(texts)
-        if role == "system":
-            system_parts.append(text)
-        elif turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n" + text
-        else:
-            turns.append({"role": role, "content": text})
+        add_turn(turns, system_parts, role, "\n".join(texts))
     if not turns or turns[0]["role"] != "user":
         raise _err(source, line, name, "must start with a user message (after any system messages)")
     if turns[-1]["role"] != "user":
@@ -208,13 +203,7 @@ def parse_dialogue_row(row: Any, *, source: str = "<dict>", line: int | None = N
     unknown = [k for k in row if k not in DIALOGUE_FIELDS]
     if unknown:
         raise _err(source, line, str(unknown[0]), f"is not a field of a dialogue manifest; use {', '.join(DIALOGUE_FIELDS)} (free-form data goes in 'meta')")
-    ident = row.get("id")
-    if isinstance(ident, int) and not isinstance(ident, bool):
-        ident = str(ident)
-    if not isinstance(ident, str) or not ident.strip():
-        raise _err(source, line, "id", "is required and must be a non-empty string")
-    if ident != ident.strip() or "\n" in ident:
-        raise _err(source, line, "id", f"{ident!r} has surrounding whitespace or a newline")
+    ident = check_id(row.get("id"), source, line)
     if "messages" not in row:
         raise _err(source, line, "messages", "is required: the conversation up to the reply to train on")
     turns, clips, system = _messages(row["messages"], ident, source, line, "messages", base_dir, allow_audio=True)

@@ -229,6 +229,17 @@ def _as_label(value: Any, source: str, line: int | None, name: str) -> str:
     return label
 
 
+def check_id(ident, source: str, line: int | None) -> str:
+    """A manifest line's ``id``: a non-empty string without surrounding whitespace (an integer is accepted as its digits)."""
+    if isinstance(ident, int) and not isinstance(ident, bool):
+        ident = str(ident)
+    if not isinstance(ident, str) or not ident.strip():
+        raise _err(source, line, "id", "is required and must be a non-empty string")
+    if ident != ident.strip() or "\n" in ident:
+        raise _err(source, line, "id", f"{ident!r} has surrounding whitespace or a newline")
+    return ident
+
+
 def _parse_row(row: dict[str, Any], source: str, line: int | None, base_dir: str | os.PathLike | None, *, from_csv: bool) -> Utterance:
     if not isinstance(row, dict):
         raise _err(source, line, None, f"each line must be a JSON object, got {type(row).__name__}")
@@ -249,14 +260,7 @@ def _parse_row(row: dict[str, Any], source: str, line: int | None, base_dir: str
             continue  # canonical name wins over its alias when both are present
         values[name] = value
 
-    ident = values.get("id")
-    if isinstance(ident, int) and not isinstance(ident, bool):
-        ident = str(ident)
-    if not isinstance(ident, str) or not ident.strip():
-        raise _err(source, line, "id", "is required and must be a non-empty string")
-    if ident != ident.strip() or "\n" in ident:
-        raise _err(source, line, "id", f"{ident!r} has surrounding whitespace or a newline")
-    values["id"] = ident
+    values["id"] = ident = check_id(values.get("id"), source, line)
 
     audio = values.get("audio")
     if not isinstance(audio, str) or not audio.strip():
