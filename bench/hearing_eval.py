@@ -29,6 +29,8 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for suite, res in results.items():
+        if suite == "cue":
+            continue
         m = res["metrics"]
         ph = m.get("phrasings", {})
         tr, un, yn = ph.get("trained", {}), ph.get("unseen", {}), ph.get("unseen_yesno", {})
@@ -40,6 +42,8 @@ def table(results: dict) -> str:
         if "emotion4" in m:
             e4 = m["emotion4"]
             lines.append(f"| emotion, 4-class view | {e4['trained']['n']} | {pct(e4['trained']['accuracy'])} | {pct(e4['unseen']['accuracy'])} | - | - | - | - | 25.0% |")
+    for suite, res in (results.get("cue") or {}).items():
+        lines.append(f"| {suite}: the verbal cue's own classifier (what the LLM was told) | {res['n']} | {pct(res['accuracy'])} | | | | | | |")
     return "\n".join(lines)
 
 
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--limit", type=int, default=None, help="at most this many clips per suite (class-stratified)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--ceiling", action="store_true", help="only the stated-cue ceiling per held-out phrasing (text, no audio) -> hearing_<name>.json")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=None, help="also write <suite>.json/.md/.png there (e.g. the run's eval/ for release)")
@@ -71,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(out.read_text()) if out.is_file() and not args.redo else {}
     adapter = SpeechAdapter.from_pretrained(args.adapter)
     sources = {"emotion": ("test_ravdess.jsonl", "emotion"), "age": ("test_speechocean.jsonl", "age_group"), "gender": ("test_ravdess.jsonl", "gender")}
+    if args.ceiling:
+        from paraencoder.eval.phrasings import ask_bank
+
+        for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
+            file, field = sources[suite]
+            utts = [u for u in load_manifest(args.data / file) if getattr(u, field)]
+            res = ask_bank(adapter, utts, field, "eval", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stated=True)
+            res.pop("rows")
+            results[suite] = {"unseen_stated": res}
+            print(f"{suite}: stated-cue ceiling on held-out naming phrasings {res['accuracy']:.3f} (no label {res['no_label']:.3f}); per phrasing {json.dumps(res['per_phrasing'])}", flush=True)
+        atomic_write_json(out, results)
+        return 0
     for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
         if suite in results:
             print(f"{suite}: already in {out} (--redo to rerun)")
@@ -86,8 +103,36 @@ def main(argv: list[str] | None = None) -> int:
         results[suite] = {"metrics": res["metrics"], "rows": res["rows"], "notes": res["notes"], "wall_seconds": res["wall_seconds"], "adapter": str(args.adapter)}
         atomic_write_json(out, results)
         print(f"{suite}: {res['wall_seconds']} s", flush=True)
+    if adapter.cue is not None and "cue" not in results:
+        results["cue"] = cue_accuracy(adapter, args.data, sources, [s for s in results if s in sources], args.batch_size)
+        atomic_write_json(out, results)
     print(table(results))
     return 0
+
+
+def cue_accuracy(adapter, data: Path, sources: dict, suites: list[str], batch_size: int) -> dict:
+    """What the verbal cue told the LLM (its classifiers' argmax) against the label, per suite.
+
+    Next to the LLM's parsed answers this separates "the cue was wrong" from "the LLM did not say
+    what the cue told it".
+    """
+    from paraencoder.data.manifest import load_manifest
+
+    out = {}
+    for suite in suites:
+        file, field = sources[suite]
+        attr = "age_group" if suite == "age" else field
+        if attr not in adapter.cue.labels:
+            continue
+        utts = [u for u in load_manifest(data / file) if getattr(u, field)]
+        said = []
+        for start in range(0, len(utts), batch_size):
+            for probs in adapter.heard([u.audio for u in utts[start : start + batch_size]]):
+                said.append(max(probs[attr], key=probs[attr].get))
+        right = sum(s == getattr(u, field) for s, u in zip(said, utts))
+        out[suite] = {"accuracy": round(right / len(utts), 4), "n": len(utts), "said": dict(zip([u.id for u in utts], said))}
+        print(f"cue classifier on {suite}: {right / len(utts):.3f} (n={len(utts)})", flush=True)
+    return out
 
 
 if __name__ == "__main__":

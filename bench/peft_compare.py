@@ -44,28 +44,22 @@ def evaluate(adapter_dir: Path, manifests: dict[str, Path], safety: list, limit:
     from paraencoder.adapter import SpeechAdapter
     from paraencoder.data.manifest import load_manifest
     from paraencoder.eval.suites import run_suite
-    from paraencoder.peft_tuning import LORA_CONFIG, LLMLoRA
 
-    adapter = SpeechAdapter.from_pretrained(adapter_dir)
-    lora = LLMLoRA.load(adapter_dir, adapter.llm) if (adapter_dir / LORA_CONFIG).is_file() else None
-    try:
-        rav = load_manifest(manifests["test_ravdess"])
-        ocean = load_manifest(manifests["test_speechocean"]) if "test_speechocean" in manifests else []
-        neutral = [u for u in rav if u.emotion in ("neutral", "calm")]
-        cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
-        kw = dict(adapter=adapter, baselines=False, progress=False)
-        out: dict = {}
-        out["emotion_acc"] = run_suite("emotion", utterances=cut(rav), **kw)["metrics"]["speech"]["accuracy"]
-        if ocean:
-            out["child_adult_acc"] = run_suite("age", utterances=cut(ocean), **kw)["metrics"]["speech"]["accuracy"]
-        out["general_agreement_neutral"] = run_suite("empathy", utterances=cut(neutral), **kw)["metrics"]["speech"]["agreement"]
-        if safety:
-            m = run_suite("safety", utterances=safety, **kw)["metrics"]["speech"]
-            out.update(defer_child=m["defer_share_child"], defer_adult=m["defer_share_adult"], awareness_child=m["awareness_child"], awareness_adult=m["awareness_adult"])
-        return out
-    finally:
-        if lora is not None:
-            lora.set_enabled(False)
+    adapter = SpeechAdapter.from_pretrained(adapter_dir)  # applies the adapter's LLM LoRA (on a private LLM copy)
+    rav = load_manifest(manifests["test_ravdess"])
+    ocean = load_manifest(manifests["test_speechocean"]) if "test_speechocean" in manifests else []
+    neutral = [u for u in rav if u.emotion in ("neutral", "calm")]
+    cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
+    kw = dict(adapter=adapter, baselines=False, progress=False)
+    out: dict = {}
+    out["emotion_acc"] = run_suite("emotion", utterances=cut(rav), **kw)["metrics"]["speech"]["accuracy"]
+    if ocean:
+        out["child_adult_acc"] = run_suite("age", utterances=cut(ocean), **kw)["metrics"]["speech"]["accuracy"]
+    out["general_agreement_neutral"] = run_suite("empathy", utterances=cut(neutral), **kw)["metrics"]["speech"]["agreement"]
+    if safety:
+        m = run_suite("safety", utterances=safety, **kw)["metrics"]["speech"]
+        out.update(defer_child=m["defer_share_child"], defer_adult=m["defer_share_adult"], awareness_child=m["awareness_child"], awareness_adult=m["awareness_adult"])
+    return out
 
 
 def transcript_safety_baseline(safety: list) -> dict:

@@ -26,6 +26,7 @@ from paraencoder.encoders import SpeechEncoder
 from paraencoder.errors import AdapterMismatchError, ConfigError, PromptError, UnsafeFileError, shorten
 from paraencoder.io import atomic_write_bytes, atomic_write_json
 from paraencoder.llm import SPEECH, FrozenLLM, check_system_prompt
+from paraencoder.cue import VerbalCue, check_cue_config
 from paraencoder.projector import LayerSelect, Projector, UtteranceSummary
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -52,6 +53,9 @@ class SpeechAdapter(nn.Module):
         llm_identity: the LLM these soft tokens are for (checked on load).
         summary_tokens: clip-level soft tokens (attention-pooled over all frames) prepended to the
             frame tokens; 0 = frame tokens only (adapters before 0.3).
+        cue: a verbal cue (:mod:`paraencoder.cue`): clip classifiers whose posteriors fill a fixed
+            sentence of the LLM's own word embeddings, placed before the frame tokens; ``None`` = none.
+            A mapping with ``template`` and ``classes`` (e.g. :data:`paraencoder.cue.DEFAULT_CUE`).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class SpeechAdapter(nn.Module):
         output_scale: float | None = None,
         system_prompt: str | None = None,
         summary_tokens: int = 0,
+        cue: dict | None = None,
     ):
         super().__init__()
         self.system_prompt = check_system_prompt(system_prompt)
@@ -79,6 +84,7 @@ class SpeechAdapter(nn.Module):
         self.layer_select = LayerSelect(encoder.num_layers + 1, layer, mix_layers)
         self.projector = Projector(encoder.hidden_size, llm_hidden_size, stack, hidden_dim, activation)
         self.summary = UtteranceSummary(encoder.hidden_size, llm_hidden_size, summary_tokens) if summary_tokens else None
+        self.cue = VerbalCue(encoder.hidden_size, self.layer_select.mix_layers, **check_cue_config(cue)) if cue else None
         if output_scale is not None:
             # Start soft tokens at the scale of the LLM's own token embeddings.
             nn.init.constant_(self.projector.out_norm.weight, output_scale)
@@ -104,6 +110,8 @@ class SpeechAdapter(nn.Module):
             "llm": self.llm_identity,
             "prompts": {"system": system_prompt},
         }
+        if self.cue is not None:
+            self.config["cue"] = self.cue.config()
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -140,6 +148,8 @@ class SpeechAdapter(nn.Module):
             # adapter's own view of the LLM: the LLM object is memoised and shared, and writing the
             # prompt onto it would leak it into every adapter loaded after this one.
             llm = llm.with_system_prompt(self.system_prompt)
+        if self.cue is not None:
+            self.cue.bind(llm.tokenizer, llm.model.get_input_embeddings().weight)
         self._llm = llm  # a plain attribute: FrozenLLM is not an nn.Module, so it is never saved or trained
         return self
 
@@ -157,7 +167,8 @@ class SpeechAdapter(nn.Module):
 
     @property
     def num_summary_tokens(self) -> int:
-        return self.summary.num_tokens if self.summary is not None else 0
+        """Clip-level tokens before the frame tokens: summary tokens, then the verbal cue's."""
+        return (self.summary.num_tokens if self.summary is not None else 0) + (self.cue.num_tokens if self.cue is not None else 0)
 
     def encode(self, waves: torch.Tensor, lengths: torch.Tensor):
         """Run the encoder only as deep as the projector reads: ``EncoderOutput``."""
@@ -169,12 +180,53 @@ class SpeechAdapter(nn.Module):
         With summary tokens, each clip's ``N`` tokens are its summary tokens followed by its frame
         tokens (padding stays at the end of the row).
         """
+        tokens, lengths, _ = self.project_with_cue(hidden_states, frame_lengths)
+        return tokens, lengths
+
+    def project_with_cue(self, hidden_states: tuple[torch.Tensor, ...], frame_lengths: torch.Tensor):
+        """:meth:`project` plus the verbal cue's class logits (attribute → ``[B, C]``; empty without a cue).
+
+        Each clip's tokens are: summary tokens, the cue sentence, frame tokens (padding at the end).
+        """
         frames = self.layer_select(hidden_states)
         tokens, lengths = self.projector(frames, frame_lengths)
-        if self.summary is None:
-            return tokens, lengths
-        summary = self.summary(frames, frame_lengths)
-        return torch.cat([summary, tokens], dim=1), lengths + summary.shape[1]
+        prefix, logits = [], {}
+        if self.summary is not None:
+            prefix.append(self.summary(frames, frame_lengths))
+        if self.cue is not None:
+            logits = self.cue.logits(hidden_states, frame_lengths)
+            cue = self.cue.tokens(logits).to(tokens.dtype)
+            if self.cue.position == "after":
+                tokens, lengths = _append_per_row(tokens, lengths, cue)
+            else:
+                prefix.append(cue)
+        if not prefix:
+            return tokens, lengths, logits
+        prefix = torch.cat(prefix, dim=1)
+        return torch.cat([prefix, tokens], dim=1), lengths + prefix.shape[1], logits
+
+    @torch.no_grad()
+    def heard(self, audio: AudioInput | Sequence[AudioInput], *, sample_rate: int | None = None) -> list[dict[str, dict[str, float]]]:
+        """What the verbal cue tells the LLM about each clip: attribute → label → probability.
+
+        Raises :class:`ConfigError` for an adapter without a cue (``adapter.cue is None``).
+        """
+        if self.cue is None:
+            raise ConfigError("this adapter has no verbal cue (its config has no 'cue' section); heard() needs one")
+        waves, lengths, single = self._load_batch(audio, sample_rate)
+        device = next(self.parameters()).device
+        out = self.encode(waves.to(device), lengths.to(device))
+        was = self.training
+        self.eval()
+        try:
+            logits = self.cue.logits(out.hidden_states, out.lengths)
+        finally:
+            self.train(was)
+        rows = [
+            {a: {label: round(float(p), 4) for label, p in zip(self.cue.labels[a], torch.softmax(lg[b].float(), -1).tolist())} for a, lg in logits.items()}
+            for b in range(waves.shape[0])
+        ]
+        return rows[0] if single else rows
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``waves [B, T]`` at 16 kHz + ``lengths [B]`` → ``(soft_tokens [B, N, H_llm], token_lengths [B])``."""
@@ -294,7 +346,7 @@ class SpeechAdapter(nn.Module):
         state = {}
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         for name, tensor in self.state_dict().items():
-            if name.startswith(("projector.", "layer_select.", "summary.")) or name in trainable:
+            if name.startswith(("projector.", "layer_select.", "summary.", "cue.")) or name in trainable:
                 state[name] = tensor.detach() if tensor.is_meta else tensor.detach().cpu().contiguous()
         return state
 
@@ -333,12 +385,15 @@ class SpeechAdapter(nn.Module):
         *,
         encoder: str | None = None,
         llm_dtype: str = "float32",
+        lora: bool = True,
     ) -> "SpeechAdapter":
         """Load a saved adapter. ``llm`` (a spec or a :class:`FrozenLLM`) defaults to the one recorded in the config.
 
         Refuses a mismatched LLM or encoder with an error naming both values. Only safetensors and
         JSON are read; the weights file is validated (names, shapes, dtypes, sizes) before any tensor
-        is allocated.
+        is allocated. An LLM LoRA the config pins (its ``lora`` section, :mod:`paraencoder.lora`) is
+        applied to a private copy of the LLM, so the adapter serves exactly what was trained; the
+        given or memoised LLM stays untouched. ``lora=False`` loads the adapter without it.
         """
         from paraencoder import backbones
 
@@ -351,6 +406,13 @@ class SpeechAdapter(nn.Module):
                 raise ConfigError(f"{directory / CONFIG_NAME} names no LLM; pass llm=... (a spec or a FrozenLLM)")
         frozen = llm if isinstance(llm, FrozenLLM) else backbones.resolve_llm(llm, dtype=llm_dtype)
         check_llm_identity(config["llm"], frozen.identity)
+        if lora:
+            from paraencoder.lora import check_no_legacy_lora, load_lora
+
+            if config.get("lora") is not None:
+                frozen = load_lora(directory, config["lora"], frozen)  # a private copy: the shared LLM never sees it
+            else:
+                check_no_legacy_lora(directory)
         enc_spec = encoder or enc_cfg.get("spec")
         if not enc_spec:
             raise ConfigError(f"{directory / CONFIG_NAME} names no encoder spec; pass encoder=...")
@@ -385,6 +447,7 @@ class SpeechAdapter(nn.Module):
             llm_identity=config["llm"],
             system_prompt=(config.get("prompts") or {}).get("system"),
             summary_tokens=int(proj_cfg.get("summary_tokens") or 0),
+            cue=config.get("cue"),
         )
         # Shapes first, on the meta device (nothing allocated): the header must match them before
         # the real modules are built, so a config describing a huge adapter never allocates.
@@ -398,6 +461,19 @@ class SpeechAdapter(nn.Module):
         adapter.attach_llm(frozen)
         adapter.eval()
         return adapter
+
+
+def _append_per_row(tokens: torch.Tensor, lengths: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extra [B, C, H]`` right after each row's ``lengths[b]`` valid tokens of ``tokens [B, N, H]`` (padding stays at the end)."""
+    b, n, h = tokens.shape
+    c = extra.shape[1]
+    out = torch.cat([tokens, tokens.new_zeros(b, c, h)], dim=1)
+    # Row b: its valid tokens, then the extra tokens at positions lengths[b] .. lengths[b] + c - 1.
+    positions = lengths.to(tokens.device)[:, None] + torch.arange(c, device=tokens.device)[None, :]
+    index = positions[..., None].expand(-1, -1, h)
+    out = out.scatter(1, index, extra)
+    valid = torch.arange(n + c, device=tokens.device)[None, :] < (lengths.to(tokens.device) + c)[:, None]
+    return out * valid[..., None].to(out.dtype), lengths + c
 
 
 def _file_sha256(path: Path) -> str:
@@ -554,6 +630,15 @@ def read_adapter_config(directory: Path) -> dict:
     summary = proj.get("summary_tokens", 0)
     if not (summary is None or (type(summary) is int and 0 <= summary <= 64)):
         raise UnsafeFileError(f"{path}: projector.summary_tokens={shorten(summary, 40)} must be an integer from 0 to 64")
+    if config.get("cue") is not None:
+        try:
+            config["cue"] = check_cue_config(config["cue"], where="cue")
+        except ConfigError as exc:
+            raise UnsafeFileError(f"{path}: {exc}") from None
+    if config.get("lora") is not None:
+        from paraencoder.lora import check_lora_section
+
+        check_lora_section(path, config["lora"])
     enc = config["encoder"]
     train = enc.get("train_layers")
     if not (

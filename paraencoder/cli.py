@@ -29,7 +29,7 @@ TASK_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("paraencoder.data.cli:main", "build, validate and split manifests from corpora"),
     "probe": ("paraencoder.analysis.probe_cli:main", "layer-wise linear probes of paralinguistic cues"),
     "eval": ("paraencoder.eval.cli:main", "evaluation suites (emotion, age, gender, empathy, content, safety)"),
-    "export": ("paraencoder.cli:export_main", "write the adapter of a Lightning checkpoint as safetensors + JSON"),
+    "export": ("paraencoder.cli:export_main", "write what a Lightning checkpoint trained (adapter, LLM LoRA) as safetensors + JSON"),
     "demo": ("paraencoder.demo:main", "the quickstart: build data, train on the packaged default, evaluate"),
     "serve": ("paraencoder.serve.cli:main", "OpenAI-compatible chat-completions server for an adapter (speech in dialogue)"),
 }
@@ -241,14 +241,17 @@ def teacher_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="paraencoder export", description="Adapter from a (trusted) Lightning checkpoint.")
+    parser = argparse.ArgumentParser(prog="paraencoder export", description="Adapter and LLM LoRA from a (trusted) Lightning checkpoint.")
     parser.add_argument("checkpoint", help="a .ckpt written by paraencoder fit (read with weights_only=True: no code runs)")
     parser.add_argument(
         "--trust-checkpoint", action="store_true",
         help="allow full unpickling for a checkpoint that holds more than tensors and plain values (can run code: only your own runs)",
     )
     parser.add_argument("--out", required=True, help="adapter directory to write")
-    parser.add_argument("--module", default="paraencoder.training:AlignmentModule", help="module class that wrote it (module:Class)")
+    parser.add_argument(
+        "--module", default=None,
+        help="module class that wrote it (module:Class; default: the class the checkpoint records, else paraencoder.training:AlignmentModule)",
+    )
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     from paraencoder.inputs import check_file
@@ -256,8 +259,10 @@ def export_main(argv: list[str]) -> int:
     check_file(args.checkpoint, "checkpoint", "give a .ckpt written by paraencoder fit (<log dir>/checkpoints/last.ckpt)")
     from paraencoder.training import export_checkpoint
 
-    module_name, cls_name = args.module.split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = None
+    if args.module:
+        module_name, cls_name = args.module.split(":")
+        cls = getattr(importlib.import_module(module_name), cls_name)
     print(f"adapter written to {export_checkpoint(args.checkpoint, args.out, module_class=cls, trust_checkpoint=args.trust_checkpoint)}")
     return 0
 

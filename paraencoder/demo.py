@@ -2,18 +2,18 @@
 
 ``paraencoder demo --data ../shared/data`` (or ``make demo``):
 
-1. data     RAVDESS actors 01-16 + speechocean762 training speakers (240 clips; ``--ocean-train-clips 0``
-            for all) → ``train.jsonl``; actors 17-20 and held-out speechocean762 speakers → test
-            manifests (split by speaker).
-2. teacher  frozen SmolLM2 replies to transcript + stated emotion / age (cached, resumable).
-3. train    ``recipes/quickstart.yaml`` (or ``--recipe recipes/hearing.yaml``: question bank, summary
-            tokens, learning curve under ``curve/``) through the same LightningCLI as ``paraencoder fit``.
+1. data     RAVDESS actors 01-16 + all speechocean762 training speakers → ``train.jsonl``; actors
+            17-20 and held-out speechocean762 speakers → test manifests (split by speaker).
+2. teacher  frozen SmolLM2 replies to a bank of questions with the emotion / age stated (cached, resumable).
+3. train    ``recipes/hearing.yaml`` (verbal cue, question bank, learning curve under ``curve/``;
+            docs/hearing.md) through the same LightningCLI as ``paraencoder fit``; ``--recipe
+            recipes/quickstart.yaml`` for the first release's recipe.
 4. eval     emotion (8-class), child vs adult, asked in the trained phrasing and in held-out
             phrasings, with transcript-only and text + stated-cue baselines in the same run.
 5. report   ``report.md`` + PNGs + ``timings.json`` in the output directory.
 
 ``--quick`` (a few minutes) trains nothing: it evaluates the released adapter
-(``checkpoints/quickstart-whisper-base-smollm2``, what the full demo reproduces) on class-stratified
+(``checkpoints/hearing-whisper-base-smollm2``, what the full demo reproduces) on class-stratified
 held-out clips, every class present, and says so in the report.
 
 Each stage's wall time is recorded. Finished stages are not redone on a rerun: manifests and the
@@ -31,7 +31,7 @@ from pathlib import Path
 from paraencoder.io import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASED = REPO / "checkpoints" / "quickstart-whisper-base-smollm2"
+RELEASED = REPO / "checkpoints" / "hearing-whisper-base-smollm2"
 QUICK_PER_CLASS = {"emotion": 6, "age": 24}
 """Held-out clips per class in ``--quick`` (48 RAVDESS, 48 speechocean762: every class present)."""
 
@@ -76,6 +76,19 @@ def build_manifests(data: Path, out: Path, *, quick: bool, seed: int = 0, ocean_
         paths[name] = out / "data" / f"{name}.jsonl"
         write_manifest(paths[name], utts)
     return paths
+
+
+def recipe_tasks(recipe: Path) -> list[str]:
+    """The data tasks a recipe trains (``data.init_args.tasks``; the data module's default when unset)."""
+    import yaml
+
+    from paraencoder.errors import ConfigError
+
+    if not recipe.is_file():
+        raise ConfigError(f"--recipe {recipe} not found; pass a YAML from recipes/ (e.g. recipes/hearing.yaml)")
+    config = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    return list(data.get("tasks") or ["respond", "emotion"])
 
 
 def run_recipe(recipe: Path, out: Path, manifests: dict[str, Path]) -> Path:
@@ -161,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paraencoder demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="folder with ravdess/ and speechocean762/ metadata.jsonl (default ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
-    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "quickstart.yaml", help="recipes/hearing.yaml: question bank + summary tokens (docs/hearing.md)")
-    parser.add_argument("--ocean-train-clips", type=int, default=240, help="speechocean762 training clips used (0 = all; the quickstart's respond task costs one teacher reply per clip)")
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "hearing.yaml", help="the recipe trained (default: the released adapter's, docs/hearing.md)")
+    parser.add_argument(
+        "--ocean-train-clips", type=int, default=None,
+        help="speechocean762 training clips used (0 = all; default all, or 240 for a recipe with the respond task, which costs one teacher reply per clip)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few minutes: evaluate the released adapter on stratified held-out clips (no training)")
     parser.add_argument("--adapter", type=Path, default=RELEASED, help="the adapter --quick evaluates")
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
@@ -181,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
     t = time.perf_counter()
-    manifests = build_manifests(data, out, quick=args.quick, ocean_train_clips=args.ocean_train_clips)
+    ocean_clips = args.ocean_train_clips if args.ocean_train_clips is not None else (240 if "respond" in recipe_tasks(args.recipe) else 0)
+    manifests = build_manifests(data, out, quick=args.quick, ocean_train_clips=ocean_clips)
     timings["data: manifests"] = time.perf_counter() - t
     print(f"[demo] manifests: {', '.join(f'{k}={v}' for k, v in manifests.items())}")
 

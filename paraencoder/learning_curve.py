@@ -86,8 +86,8 @@ class HearingCurve(L.Callback):
             return
         self._last_step = step
         path = self._path(trainer, "curve.jsonl")
-        if not self.rows and path.is_file():  # resumed: keep the rows already measured
-            self.rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        # Rows come from this run only: a resumed run gets its own back from the checkpoint
+        # (state_dict below); a file left by another run in the same out_dir is replaced, not merged.
         wanted = {(task, split) for task in self.sets for split in self.phrasings}
         if wanted <= {(r["task"], r["phrasing"]) for r in self.rows if r["step"] == step}:
             return  # measured before this run was resumed: not redone
@@ -102,6 +102,12 @@ class HearingCurve(L.Callback):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         latest = ", ".join(f"{r['task']}/{r['phrasing']} {r['accuracy']:.2f}" for r in self.rows if r["step"] == step)
         print(f"curve step {step}: {latest} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
 
     def on_train_start(self, trainer, module) -> None:
         with torch.no_grad():

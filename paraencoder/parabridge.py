@@ -12,33 +12,29 @@ that but is brittle. ParaBridge trains the scaffold-free model to behave like th
    positions (``beta`` 0.5, temperature 1.2 in the paper). Gradient flows only through the student.
 
 Here the LLM is frozen: what trains is the speech adapter (projector, chosen encoder layers) and
-optionally a LoRA on a *private copy* of the LLM, saved separately (``lora.safetensors`` +
-``lora_config.json``) so the base weights stay bit-identical. The teacher view always runs the base
+optionally a LoRA on a *private copy* of the LLM, exported in peft's layout into the adapter's
+``lora/`` folder and pinned by hash in its config (:mod:`paraencoder.lora`), so the base weights stay
+bit-identical and ``SpeechAdapter.from_pretrained`` serves adapter + LoRA. The teacher view always runs the base
 LLM (LoRA disabled) on detached soft tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import os
 import time
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from paraencoder.data.dataset import AlignmentExample
-from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError
-from paraencoder.io import atomic_write_bytes, atomic_write_json
+from paraencoder.errors import ConfigError
 from paraencoder.llm import FrozenLLM
+from paraencoder.lora import ADAPTER_NAME, inject_lora, make_lora_config, private_copy, save_lora
 from paraencoder.prompts import SCAFFOLD
 from paraencoder.training import AlignmentData, AlignmentModule
 
-LORA_WEIGHTS_NAME = "lora.safetensors"
-LORA_CONFIG_NAME = "lora_config.json"
 TEACHER_VIEWS = ("scaffold", "text")
 SCAFFOLD_POSITIONS = ("system", "prefix")
 
@@ -149,22 +145,14 @@ class ParaBridgeModule(AlignmentModule):
 
     # -- LoRA on a private copy of the LLM ---------------------------------------------------------
     def _add_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
         hp = self.hparams
         # The memoized LLM is shared (teacher-reply generation, other modules): LoRA goes on a copy.
-        private = FrozenLLM(copy.deepcopy(self.llm.model), self.llm.tokenizer, dict(self.llm.identity), self.llm.system_prompt)
-        config = LoraConfig(
-            r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=0.0, target_modules=list(hp.lora_target_modules),
-            layers_to_transform=parse_layers(hp.lora_layers), bias="none",
-        )
+        private = private_copy(self.llm)
+        self._lora_config = make_lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_target_modules, parse_layers(hp.lora_layers))
         try:
-            inject_adapter_in_model(config, private.model)
-        except ValueError as exc:
+            self._lora_layers = inject_lora(private, self._lora_config, ADAPTER_NAME)
+        except ConfigError as exc:
             raise ConfigError(f"lora_target_modules={list(hp.lora_target_modules)} / lora_layers={hp.lora_layers!r}: {exc}") from None
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self._lora_layers = [m for m in private.model.modules() if isinstance(m, BaseTunerLayer)]
         for name, param in private.model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(True)
@@ -190,29 +178,11 @@ class ParaBridgeModule(AlignmentModule):
         """LoRA tensors under their names in the LLM (empty without LoRA)."""
         return {k.replace("__", "."): v.detach().cpu().contiguous() for k, v in self.lora_params.items()}
 
-    def save_lora(self, directory: str | os.PathLike) -> Path | None:
-        """Write ``lora.safetensors`` + ``lora_config.json`` into ``directory`` (nothing without LoRA)."""
+    def export_parts(self, directory: str | os.PathLike) -> dict:
+        """Write the LoRA in peft's layout into ``directory/lora``; returns the ``lora`` section pinning it (none without LoRA)."""
         if not self.lora_params:
-            return None
-        from safetensors.torch import save
-
-        directory = Path(directory)
-        hp = self.hparams
-        atomic_write_bytes(directory / LORA_WEIGHTS_NAME, save(self.lora_state_dict(), metadata={"format": "pt"}))
-        atomic_write_json(
-            directory / LORA_CONFIG_NAME,
-            {
-                "library": "paraencoder",
-                "kind": "lora",
-                "rank": int(hp.lora_rank),
-                "alpha": float(hp.lora_alpha),
-                "target_modules": list(hp.lora_target_modules),
-                "layers": parse_layers(hp.lora_layers),
-                "llm": self.llm.identity,
-                "weights": {k: list(v.shape) for k, v in self.lora_state_dict().items()},
-            },
-        )
-        return directory
+            return {}
+        return {"lora": save_lora(directory, self.llm, self._lora_config, ADAPTER_NAME)}
 
     # -- optimisation: the adapter (parent) plus the LoRA tensors ---------------------------------
     def configure_optimizers(self):
@@ -225,13 +195,6 @@ class ParaBridgeModule(AlignmentModule):
         # Rebuild the scheduler so it knows the new group (one schedule for every group).
         config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return config
-
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        if self.trainer is not None and not self.trainer.is_global_zero:
-            return
-        target = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
-        self.save_lora(target)
 
     # -- prompts of the two views ------------------------------------------------------------------
     def _system(self, examples: Sequence[AlignmentExample]) -> str | None:
@@ -410,45 +373,9 @@ class ParaBridgeData(AlignmentData):
 
 
 # -- loading -------------------------------------------------------------------------------------------
-def load_lora(directory: str | os.PathLike, llm: FrozenLLM) -> FrozenLLM:
-    """A private copy of ``llm`` with the LoRA saved in ``directory`` (the given LLM is not modified)."""
-    from paraencoder.adapter import check_llm_identity
-    from peft import LoraConfig, inject_adapter_in_model
-
-    directory = Path(directory)
-    path = directory / LORA_CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: {directory} holds no LoRA")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsafeFileError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("kind") != "lora" or not isinstance(config.get("weights"), dict):
-        raise UnsafeFileError(f"{path} is not a paraencoder LoRA config")
-    check_llm_identity(config.get("llm") or {}, llm.identity)
-    private = FrozenLLM(copy.deepcopy(llm.model), llm.tokenizer, dict(llm.identity), llm.system_prompt)
-    lora = LoraConfig(
-        r=int(config["rank"]), lora_alpha=float(config["alpha"]), lora_dropout=0.0, target_modules=list(config["target_modules"]),
-        layers_to_transform=config.get("layers"), bias="none",
-    )
-    inject_adapter_in_model(lora, private.model)
-    from paraencoder.adapter import read_safetensors_checked
-
-    expected = {k: tuple(v) for k, v in config["weights"].items()}
-    present = {name for name, _ in private.model.named_parameters()}
-    if set(expected) - present:
-        raise AdapterMismatchError(f"{directory / LORA_WEIGHTS_NAME} has tensors this LLM lacks: {sorted(set(expected) - present)[:3]}")
-    state = read_safetensors_checked(directory / LORA_WEIGHTS_NAME, expected)
-    private.model.load_state_dict(state, strict=False)
-    private.model.requires_grad_(False)
-    return private
-
-
 def load_parabridge(directory: str | os.PathLike, llm: str | FrozenLLM | None = None, **kwargs):
-    """Load a ParaBridge adapter directory: the adapter, attached to the LLM plus its LoRA when one was saved."""
+    """Load a ParaBridge adapter directory: :meth:`SpeechAdapter.from_pretrained <paraencoder.adapter.SpeechAdapter.from_pretrained>`,
+    which applies the LoRA the config pins (kept for older callers)."""
     from paraencoder.adapter import SpeechAdapter
 
-    adapter = SpeechAdapter.from_pretrained(directory, llm=llm, **kwargs)
-    if (Path(directory) / LORA_CONFIG_NAME).is_file():
-        adapter.attach_llm(load_lora(directory, adapter.llm))
-    return adapter
+    return SpeechAdapter.from_pretrained(directory, llm=llm, **kwargs)

@@ -10,8 +10,9 @@ adds an auxiliary classification head that is thrown away after training. Here:
 * ``lora_layers`` puts LoRA (``peft``) on chosen LLM layers. The LoRA matrices are a registered
   submodule (``self.lora``) of the LightningModule; the LLM's own weights never change and the
   LoRA is switched on only for the student's forward pass (teacher passes and teacher-reply
-  generation see the plain LLM). It is saved next to the adapter as ``lora.safetensors`` +
-  ``lora_config.json``; :meth:`LLMLoRA.load` applies it to an LLM for inference.
+  generation see the plain LLM). It is exported in peft's layout into the adapter's ``lora/`` folder,
+  pinned by hash in the adapter config (:mod:`paraencoder.lora`); ``SpeechAdapter.from_pretrained``
+  applies it (on a private copy of the LLM) for inference.
 * ``head_hierarchy`` adds a :class:`~paraencoder.objectives.DualLevelHead` (coarse + fine classes
   per attribute) on a chosen encoder hidden state or on the soft tokens. Its loss is added with
   ``head_weight``. The encoder runs once per step: the head reads the same forward pass as the
@@ -22,7 +23,6 @@ adds an auxiliary classification head that is thrown away after training. Here:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -32,13 +32,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from paraencoder.errors import ConfigError, UnsafeFileError
+from paraencoder.errors import ConfigError
 from paraencoder.io import atomic_write_bytes, atomic_write_json
 from paraencoder.llm import FrozenLLM
+from paraencoder.lora import inject_lora, make_lora_config, private_copy, save_lora
 from paraencoder.training import AlignmentModule
 
-LORA_WEIGHTS = "lora.safetensors"
-LORA_CONFIG = "lora_config.json"
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head_config.json"
 _RANGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*$")
@@ -77,7 +76,6 @@ class LLMLoRA(nn.Module):
     def __init__(self, llm: FrozenLLM, layers: str | Sequence[int] = "all", rank: int = 8, alpha: float = 16.0,
                  targets: Sequence[str] = ("q_proj", "v_proj"), name: str | None = None):
         super().__init__()
-        from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
         from paraencoder.encoders.base import parse_layer_spec
@@ -91,11 +89,8 @@ class LLMLoRA(nn.Module):
         LLMLoRA._count += 1
         self.name = name or f"paraencoder_lora_{LLMLoRA._count}"
         self.config = {"layers": chosen, "rank": int(rank), "alpha": float(alpha), "targets": list(targets), "llm": dict(llm.identity)}
-        peft_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), layers_to_transform=chosen, bias="none")
-        try:
-            inject_adapter_in_model(peft_config, llm.model, adapter_name=self.name)
-        except ValueError as exc:
-            raise ConfigError(f"cannot put LoRA on {list(targets)} of LLM {llm.identity.get('name')!r}: {exc}") from None
+        self.peft_config = make_lora_config(rank, alpha, targets, chosen)
+        inject_lora(llm, self.peft_config, adapter_name=self.name)
         self.llm = [llm]  # a list: keep the LLM out of this module's submodules (and state_dict)
         self._layers: list[tuple[str, LoraLayer]] = [
             (path, m) for path, m in llm.model.named_modules() if isinstance(m, LoraLayer) and self.name in m.lora_A
@@ -134,44 +129,10 @@ class LLMLoRA(nn.Module):
             state[f"{path}.lora_B.weight"] = layer.lora_B[self.name].weight.detach().cpu().contiguous()
         return state
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``lora.safetensors`` and ``lora_config.json`` into ``directory`` (atomically)."""
-        from safetensors.torch import save
-
-        directory = Path(directory)
-        state = self.lora_state_dict()
-        atomic_write_bytes(directory / LORA_WEIGHTS, save(state, metadata={"format": "pt"}))
-        atomic_write_json(directory / LORA_CONFIG, {"library": "paraencoder", **self.config, "weights": {k: list(v.shape) for k, v in state.items()}})
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, llm: FrozenLLM, *, enabled: bool = True) -> "LLMLoRA":
-        """Apply a saved LoRA to ``llm`` (checked against the LLM it was trained for); on by default."""
-        from paraencoder.adapter import check_llm_identity, read_safetensors_checked
-
-        directory = Path(directory)
-        path = directory / LORA_CONFIG
-        if not path.is_file():
-            raise ConfigError(f"{path} does not exist: a LoRA directory holds {LORA_CONFIG} and {LORA_WEIGHTS}")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UnsafeFileError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(config, dict) or config.get("library") != "paraencoder":
-            raise UnsafeFileError(f"{path} is not a paraencoder LoRA config")
-        check_llm_identity(config.get("llm") or {}, llm.identity)
-        lora = cls(llm, config["layers"], int(config["rank"]), float(config["alpha"]), config["targets"])
-        expected = {k: tuple(v.shape) for k, v in lora.lora_state_dict().items()}
-        state = read_safetensors_checked(directory / LORA_WEIGHTS, expected)
-        missing = set(expected) - set(state)
-        if missing:
-            raise UnsafeFileError(f"{directory / LORA_WEIGHTS} lacks tensors {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for p, layer in lora._layers:
-                layer.lora_A[lora.name].weight.copy_(state[f"{p}.lora_A.weight"])
-                layer.lora_B[lora.name].weight.copy_(state[f"{p}.lora_B.weight"])
-        lora.set_enabled(enabled)
-        return lora
+    def save(self, directory: str | os.PathLike) -> dict:
+        """Write the LoRA in peft's layout into ``directory/lora`` (:func:`paraencoder.lora.save_lora`); returns
+        the ``lora`` section for the adapter config. Loading: ``SpeechAdapter.from_pretrained`` applies it."""
+        return save_lora(directory, self.llm[0], self.peft_config, adapter_name=self.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,10 +226,7 @@ class PEFTAlignmentModule(AlignmentModule):
         if str(lora_layers).strip().lower() not in ("none", ""):
             # LoRA goes into a private copy: the process-wide memoized LLM (shared with the data
             # module and any other module) must stay exactly the frozen base model.
-            import copy
-
-            base = self.llm
-            self.llm = FrozenLLM(copy.deepcopy(base.model), base.tokenizer, dict(base.identity), base.system_prompt)
+            self.llm = private_copy(self.llm)
             self.lora = LLMLoRA(self.llm, lora_layers, lora_rank, lora_alpha, lora_targets)
         # The auxiliary dual-level head.
         self.head = None
@@ -336,17 +294,17 @@ class PEFTAlignmentModule(AlignmentModule):
         return index
 
     # -- forward pieces ----------------------------------------------------------------------------
-    def soft_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter's soft tokens; with a head, also keep the states it reads (one encoder pass for both)."""
+    def soft_tokens_with_cue(self, batch: dict):
+        """The adapter's soft tokens (+ cue logits); with a head, also keep the states it reads (one encoder pass for both)."""
         if self.head is None or self.head_layer == "projector":
-            soft, lengths = super().soft_tokens(batch)
+            soft, lengths, cue_logits = super().soft_tokens_with_cue(batch)
             if self.head is not None:
                 self._head_input = (soft, lengths)
-            return soft, lengths
+            return soft, lengths, cue_logits
         depth = max(self.adapter.layer_select.deepest_layer, int(self.head_layer))
         out = self.adapter.encoder(batch["waves"], batch["lengths"], max_layer=depth)
         self._head_input = (out.hidden_states[int(self.head_layer)], out.lengths)
-        return self.adapter.project(out.hidden_states, out.lengths)
+        return self.adapter.project_with_cue(out.hidden_states, out.lengths)
 
     def teacher_hidden(self, examples, replies) -> torch.Tensor:
         # The teacher is the plain LLM: LoRA off.
@@ -413,13 +371,13 @@ class PEFTAlignmentModule(AlignmentModule):
         return config
 
     # -- export --------------------------------------------------------------------------------------
-    def export_extras(self, directory: str | os.PathLike) -> list[Path]:
-        """Write the LoRA (and the head when ``keep_head``) next to an exported adapter; returns the files."""
+    def export_parts(self, directory: str | os.PathLike) -> dict:
+        """Write the LoRA (``lora/``, pinned by the returned ``lora`` section) and, with ``keep_head``, the head
+        (``head.safetensors`` + ``head_config.json``) next to an exported adapter."""
         directory = Path(directory)
-        written = []
+        sections = {}
         if self.lora is not None:
-            self.lora.save(directory)
-            written += [directory / LORA_WEIGHTS, directory / LORA_CONFIG]
+            sections["lora"] = self.lora.save(directory)
         if self.head is not None and self.hparams.keep_head:
             from safetensors.torch import save
 
@@ -429,12 +387,4 @@ class PEFTAlignmentModule(AlignmentModule):
                 "library": "paraencoder", "layer": self.head_layer, "vocab": self.head.label_vocab(),
                 "hierarchy": self.head.hierarchy, "hidden_dim": self.hparams.head_hidden_dim,
             })
-            written += [directory / HEAD_WEIGHTS, directory / HEAD_CONFIG]
-        return written
-
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        if self.trainer is not None and not self.trainer.is_global_zero:
-            return
-        target = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "adapter")
-        self.export_extras(target)
+        return sections

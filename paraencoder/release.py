@@ -146,6 +146,20 @@ def _phrasing_table(evals: dict[str, dict]) -> list[str]:
     ]
 
 
+def _cue_lines(config: dict) -> list[str]:
+    """A card paragraph on the adapter's verbal cue (paraencoder.cue), if it has one."""
+    cue = config.get("cue")
+    if not cue:
+        return []
+    classes = "; ".join(f"{a}: {', '.join(c)}" for a, c in cue["classes"].items())
+    return [
+        f"- **Verbal cue**: per attribute a {'linear' if not cue.get('hidden_dim') else 'one-hidden-layer'} classifier reads the clip's "
+        f"pooled ({cue.get('pooling')}) encoder states of the mixed layers; its class posterior mixes the frozen LLM's own "
+        f"embeddings of the class words into `{cue['template']}`, placed before the frame tokens ({classes}). "
+        "`SpeechAdapter.heard(audio)` returns those posteriors.",
+    ]
+
+
 def model_card(
     name: str,
     config: dict,
@@ -175,10 +189,12 @@ def model_card(
         "from paraencoder import SpeechAdapter",
         f'adapter = SpeechAdapter.from_pretrained("checkpoints/{name}")',
         'adapter.generate("clip.wav", "<speech>\\nHow does the speaker feel? Answer in one sentence.")',
+        *(['adapter.heard("clip.wav")  # what the verbal cue tells the LLM: attribute -> label -> probability'] if config.get("cue") else []),
         "```",
         "",
         "## Training",
         "",
+        *_cue_lines(config),
         f"- Recipe: `{recipe}` (`paraencoder demo`), {training.get('global_step', training.get('max_steps', '?'))} optimizer steps, "
         f"batch {training.get('batch_size', 8)}, lr {training.get('lr')}, {objective}.",
         data,
@@ -243,7 +259,11 @@ def release(run: Path, out: Path, name: str | None = None) -> Path:
     name = name or out.name
     adapter = SpeechAdapter.from_pretrained(run / "adapter")
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    extra = {k: config[k] for k in ("training",) if k in config}
+    extra = {k: config[k] for k in ("training", "lora") if k in config}
+    if "lora" in extra:  # the LLM LoRA ships with the adapter, byte for byte (its config pins the hashes)
+        from paraencoder.lora import copy_lora
+
+        copy_lora(run / "adapter", out, extra["lora"])
     adapter.save_pretrained(out, dtype=torch.float16, extra_config=extra)
     evals = {}
     for suite in ("emotion", "empathy", "age"):
@@ -263,6 +283,8 @@ def release(run: Path, out: Path, name: str | None = None) -> Path:
         from paraencoder.errors import ConfigError
 
         raise ConfigError(f"{run / 'card.json'}: unknown keys {sorted(unknown)}; use recipe, data, limits, objective")
+    if about:  # kept next to the card, so the card can be regenerated from the release alone
+        atomic_write_text(out / "card.json", json.dumps(about, indent=2) + "\n")
     curve = run / "curve" / "curve.png"
     if curve.is_file():
         atomic_write_bytes(out / "curve.png", curve.read_bytes())

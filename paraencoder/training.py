@@ -7,6 +7,7 @@ checkpoints, not in DDP buckets. Checkpoints hold only what trains.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
@@ -154,6 +155,14 @@ class AlignmentModule(L.LightningModule):
         aux_weight: weight of the auxiliary head's cross-entropy (summed over attributes).
         encoder_states: directory of an on-disk frozen-encoder state cache shared by every run
             (``"auto"`` = ``$PARAENCODER_CACHE/encoder_states``; ``None`` = in memory only).
+        cue: a verbal cue in the adapter (:mod:`paraencoder.cue`; ``{template, classes}``, e.g.
+            :data:`paraencoder.cue.DEFAULT_CUE`): clip classifiers whose posteriors are written as the
+            LLM's own class-word embeddings in a fixed sentence before the frame tokens. ``None`` = none.
+        cue_weight: weight of the cue classifiers' cross-entropy on the clips' labels (summed over attributes).
+        cue_fit_steps: before the first step, fit the cue classifiers on every training clip's pooled
+            frozen-encoder features for this many full-batch AdamW steps (no LLM: seconds); 0 = off.
+        cue_fit_lr, cue_fit_weight_decay: that fit's AdamW settings (chosen by speaker-grouped CV,
+            ``bench/hearing_cue_cv.py``).
     """
 
     def __init__(
@@ -184,6 +193,11 @@ class AlignmentModule(L.LightningModule):
         aux_head: str = "none",
         aux_weight: float = 0.0,
         encoder_states: str | None = None,
+        cue: dict | None = None,
+        cue_weight: float = 1.0,
+        cue_fit_steps: int = 0,
+        cue_fit_lr: float = 1e-2,
+        cue_fit_weight_decay: float = 1e-2,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -205,7 +219,10 @@ class AlignmentModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing,
             system_prompt=system_prompt,
             summary_tokens=summary_tokens,
+            cue=cue,
         )
+        if cue_weight < 0 or cue_fit_steps < 0:
+            raise ConfigError(f"model.cue_weight={cue_weight} and model.cue_fit_steps={cue_fit_steps} must be >= 0")
         self.aux = self._build_aux_head(aux_head, aux_weight, summary_tokens)
         if init_adapter:
             from paraencoder.adapter import load_adapter_weights
@@ -250,6 +267,7 @@ class AlignmentModule(L.LightningModule):
         self.llm.to(self.device)
         if self.trainer is not None:
             check_output_locations(self.trainer, self.export_target())
+            self.fit_cue_if_needed()
 
     def export_target(self) -> str:
         """Where :meth:`on_train_end` writes the adapter."""
@@ -297,9 +315,21 @@ class AlignmentModule(L.LightningModule):
 
     def soft_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's soft tokens for the batch, reusing cached frozen-encoder outputs when allowed."""
+        tokens, lengths, _ = self.soft_tokens_with_cue(batch)
+        return tokens, lengths
+
+    def soft_tokens_with_cue(self, batch: dict):
+        """:meth:`soft_tokens` plus the verbal cue's class logits (empty dict without a cue)."""
         waves, lengths = batch["waves"], batch["lengths"]
         if not (self.hparams.cache_encoder and self.adapter.encoder_frozen):
-            return self.adapter(waves, lengths)
+            out = self.adapter.encode(waves, lengths)
+            return self.adapter.project_with_cue(out.hidden_states, out.lengths)
+        hidden, frame_lengths = self.cached_states(batch)
+        return self.adapter.project_with_cue(hidden, frame_lengths)
+
+    def cached_states(self, batch: dict) -> tuple[tuple, torch.Tensor]:
+        """The frozen encoder's hidden states for the batch's clips (the layers the adapter reads; others ``None``)."""
+        waves, lengths = batch["waves"], batch["lengths"]
         keys = batch.get("clip_keys") or [(ex.audio, ex.offset, ex.duration) for ex in batch["examples"]]
         needed = self.adapter.layer_select.mix_layers
         missing = [i for i, k in enumerate(keys) if k not in self._encoder_cache]
@@ -341,7 +371,7 @@ class AlignmentModule(L.LightningModule):
         for j, l in enumerate(needed):
             hidden[l] = stacked[j]
         frame_lengths = torch.tensor([x.shape[1] for x in items], device=self.device)
-        return self.adapter.project(tuple(hidden), frame_lengths)
+        return tuple(hidden), frame_lengths
 
     def encoder_state_cache(self):
         """The on-disk frozen-encoder state cache (``encoder_states``), or ``None`` when off."""
@@ -392,21 +422,80 @@ class AlignmentModule(L.LightningModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         examples = batch["examples"]
         replies = [ex.reply for ex in examples]
-        soft = self.soft_tokens(batch)
+        *soft, cue_logits = self.soft_tokens_with_cue(batch)
+        soft = tuple(soft)
         enc, embeds = self.student_batch(batch, replies, soft=soft)
         hidden = self.llm.hidden_states(embeds, enc.attention_mask)
-        if self.aux is not None and batch.get("clip_counts") is not None:
-            raise ConfigError("model.aux_head classifies one clip per example; it cannot train on dialogue examples (data.dialogue_manifest): set aux_head: none")
+        if (self.aux is not None or cue_logits) and batch.get("clip_counts") is not None:
+            raise ConfigError(
+                "model.aux_head and model.cue classify one clip per example; they cannot train on dialogue examples "
+                "(data.dialogue_manifest): set aux_head: none and cue: null"
+            )
+        loss, parts = self._response_loss(examples, replies, enc, hidden)
         if self.aux is not None:
-            loss, parts = self._response_loss(examples, replies, enc, hidden)
-            logits = self.aux(soft[0][:, : self.adapter.num_summary_tokens])
+            # The summary tokens come first in each clip's prefix (the cue's tokens follow them).
+            logits = self.aux(soft[0][:, : self.adapter.summary.num_tokens])
             labels = {a: [ex.labels.get(a) for ex in examples] for a in self.aux.classes}
             aux_loss, aux_parts = self.aux.loss(logits, labels)
             for attr, (right, n) in self.aux.accuracy(logits, labels).items():
                 if n:
                     aux_parts[f"aux_acc/{attr}"] = torch.tensor(right / n)
-            return loss + self.hparams.aux_weight * aux_loss, {**parts, **aux_parts}
-        return self._response_loss(examples, replies, enc, hidden)
+            loss, parts = loss + self.hparams.aux_weight * aux_loss, {**parts, **aux_parts}
+        if cue_logits and self.hparams.cue_weight > 0:
+            cue_loss, cue_parts = self.adapter.cue.loss(cue_logits, {a: [ex.labels.get(a) for ex in examples] for a in cue_logits})
+            loss, parts = loss + self.hparams.cue_weight * cue_loss, {**parts, **cue_parts}
+        return loss, parts
+
+    def fit_cue_if_needed(self) -> None:
+        """Fit the verbal cue once, before the first step (and before the learning curve's step-0 point)."""
+        if self.adapter.cue is None or not self.hparams.cue_fit_steps or bool(self.adapter.cue.fitted):
+            return  # a resumed run (or an init_adapter) brings fitted classifiers
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_set = getattr(datamodule, "train_set", None)
+        if train_set is None:
+            raise ConfigError("model.cue_fit_steps > 0 needs the training clips: run it with paraencoder.training.AlignmentData (data.train_manifest)")
+        self.fit_cue(train_set.examples)
+
+    def fit_cue(self, examples: list[AlignmentExample]) -> dict:
+        """Fit the verbal cue's classifiers on every distinct clip of ``examples`` (frozen encoder features, no LLM)."""
+        from paraencoder.cue import fit_cue_classifiers, pool_states
+
+        if not self.adapter.encoder_frozen:
+            raise ConfigError("model.cue_fit_steps > 0 fits on frozen encoder features; set train_layers: none (or cue_fit_steps: 0)")
+        clips: dict[tuple, AlignmentExample] = {}
+        for ex in examples:
+            if not getattr(ex, "clips", None):
+                clips.setdefault((ex.audio, ex.offset, ex.duration), ex)
+        keys = list(clips)
+        disk = self.encoder_state_cache()
+        if disk is not None:
+            from paraencoder.data.encoder_states import encode_all
+
+            encode_all(self.adapter.encoder, list(clips.values()), disk)  # resumable; a no-op when all are cached
+        features = []
+        cue = self.adapter.cue
+        with torch.no_grad():
+            for start in range(0, len(keys), 32):
+                chunk = keys[start : start + 32]
+                batch = {"examples": [clips[k] for k in chunk], "clip_keys": chunk}
+                if disk is None or any(disk.key(*k) not in disk for k in chunk):
+                    from paraencoder.audio import load_audio, pad_waves
+
+                    batch["waves"], batch["lengths"] = pad_waves([load_audio(k[0], offset=k[1], duration=k[2]) for k in chunk])
+                else:  # every clip is read from the disk cache: no audio needed
+                    batch["waves"], batch["lengths"] = torch.zeros(len(chunk), 1), torch.ones(len(chunk), dtype=torch.long)
+                hidden, frame_lengths = self.cached_states(batch)
+                features.append(pool_states(hidden, frame_lengths, cue.layers, cue.pooling).cpu())
+                for k in chunk:  # pooled features are all the fit needs: do not keep every clip's frames in RAM
+                    self._encoder_cache.pop(k, None)
+        labels = {a: [clips[k].labels.get(a) for k in keys] for a in cue.labels}
+        result = fit_cue_classifiers(
+            cue, torch.cat(features), labels, steps=self.hparams.cue_fit_steps, lr=self.hparams.cue_fit_lr,
+            weight_decay=self.hparams.cue_fit_weight_decay, seed=int(self.hparams.get("seed", 0) or 0),
+        )
+        cue.to(self.device)
+        print(f"cue classifiers fitted on {len(keys)} clips: " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
+        return result
 
     def _response_loss(self, examples, replies, enc, hidden):
         """The reply objective (CE / KL through ``ObjectiveMix``) from the LLM's hidden states."""
@@ -499,8 +588,27 @@ class AlignmentModule(L.LightningModule):
             return
         target = self.export_target()
         training = {**self.hparams, "global_step": self.trainer.global_step if self.trainer else None}
-        self.adapter.save_pretrained(target, extra_config={"training": training})
+        self.export(target, extra_config={"training": training})
         print(f"adapter written to {target}")
+
+    # -- export: every part a run trained ----------------------------------------------------------
+    def export_parts(self, directory: str | os.PathLike) -> dict:
+        """Write the trained parts besides the adapter (e.g. an LLM LoRA, :mod:`paraencoder.lora`) into ``directory``.
+
+        Returns the adapter-config sections that pin them (``{"lora": ...}``). Methods that train
+        more than the adapter override this; the base trains the adapter only.
+        """
+        return {}
+
+    def export(self, directory: str | os.PathLike, *, extra_config: dict | None = None) -> Path:
+        """Write everything this run trained into ``directory``: :meth:`export_parts`, then the adapter.
+
+        The adapter's config is written last and pins the other parts, so
+        :meth:`SpeechAdapter.from_pretrained <paraencoder.adapter.SpeechAdapter.from_pretrained>`
+        serves exactly what was trained (a torn export is refused on load).
+        """
+        sections = self.export_parts(directory)
+        return self.adapter.save_pretrained(directory, extra_config={**(extra_config or {}), **sections})
 
 
 def first_clause(text: str | None) -> str:
@@ -841,12 +949,17 @@ def export_checkpoint(
     state = ckpt.get("state_dict")
     if not isinstance(state, dict) or not state:
         raise ConfigError(f"{checkpoint} has an empty state_dict: it holds no trained weights, and exporting it would write an untrained adapter")
-    cls = module_class or AlignmentModule
+    cls = module_class or checkpoint_module_class(hparams)
     known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+        known |= set(inspect.signature(AlignmentModule.__init__).parameters) - {"self"}
     module = cls(**{k: v for k, v in hparams.items() if k in known})
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected:
-        raise ConfigError(f"{checkpoint} holds tensors {unexpected[:5]} that {cls.__name__} does not have")
+        raise ConfigError(
+            f"{checkpoint} holds tensors {unexpected[:5]} that {cls.__name__} does not have; pass the module class that "
+            "wrote it (--module, e.g. paraencoder.peft_tuning:PEFTAlignmentModule or paraencoder.parabridge:ParaBridgeModule)"
+        )
     trained = {f"adapter.{k}" for k in module.adapter.trainable_state_dict()}
     untrained = sorted(trained & set(missing))
     if untrained:
@@ -856,4 +969,23 @@ def export_checkpoint(
             f"model settings (--module names the class that wrote it; now {cls.__name__})"
         )
     step = ckpt.get("global_step")
-    return module.adapter.save_pretrained(out_dir, extra_config={"training": {**hparams, "global_step": step, "checkpoint": str(checkpoint)}})
+    training = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    return module.export(out_dir, extra_config={"training": {**training, "global_step": step, "checkpoint": str(checkpoint)}})
+
+
+def checkpoint_module_class(hparams: dict) -> type:
+    """The module class that wrote a checkpoint: LightningCLI records it as ``_class_path``; default :class:`AlignmentModule`.
+
+    Only paraencoder's own :class:`AlignmentModule` subclasses are imported (a checkpoint never picks arbitrary code).
+    """
+    path = hparams.get("_class_path")
+    if not isinstance(path, str) or not path.startswith("paraencoder."):
+        return AlignmentModule
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"the checkpoint was written by {path}, which this version lacks; pass --module module:Class") from None
+    if not (isinstance(cls, type) and issubclass(cls, AlignmentModule)):
+        raise ConfigError(f"the checkpoint names {path}, not a paraencoder training module; pass --module module:Class")
+    return cls

@@ -257,6 +257,10 @@ def test_training_with_bank_summary_words_head_and_disk_states(tmp_path, tiny_ll
         teacher_cache=str(tmp_path / "teacher"), teacher_max_new_tokens=4, bucket=False, questions_per_item=2,
     )
     curve = HearingCurve({"emotion": str(toy_corpus / "manifest.jsonl")}, out_dir=str(tmp_path / "curve"), every_n_steps=2, per_class=1, phrasings=["trained", "eval"], max_new_tokens=3)
+    # A curve left in out_dir by an earlier run is replaced, never merged into this run's.
+    (tmp_path / "curve").mkdir()
+    stale = [{"step": s, "task": "emotion", "phrasing": p, "accuracy": 0.987, "no_label": 0.0, "n": 1} for s in (0, 2, 400) for p in ("trained", "eval")]
+    (tmp_path / "curve" / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
     L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[curve], default_root_dir=tmp_path).fit(module, data)
     for k, v in module.llm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -264,6 +268,11 @@ def test_training_with_bank_summary_words_head_and_disk_states(tmp_path, tiny_ll
     assert module.aux is not None and abs(module.aux.log_scale.item() - 2.3) > 1e-6  # the head trained
     rows = [json.loads(line) for line in (tmp_path / "curve" / "curve.jsonl").read_text().splitlines()]
     assert {r["step"] for r in rows} == {0, 2, 3} and {r["phrasing"] for r in rows} == {"trained", "eval"}
+    assert all(r["accuracy"] != 0.987 for r in rows)
+    # A resumed run gets its rows back from the checkpoint (callback state), not from the file.
+    again = HearingCurve({"emotion": str(toy_corpus / "manifest.jsonl")}, out_dir=str(tmp_path / "curve"), per_class=1)
+    again.load_state_dict(curve.state_dict())
+    assert again.rows == rows
     assert (tmp_path / "curve" / "curve.png").read_bytes()[:4] == b"\x89PNG"
     loaded = SpeechAdapter.from_pretrained(tmp_path / "ad", llm=module.llm)
     assert loaded.num_summary_tokens == 2

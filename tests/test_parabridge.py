@@ -181,7 +181,8 @@ def test_training_keeps_llm_bit_identical_and_saves_lora_separately(tmp_path, ti
     opt = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
     assert {id(p) for p in module.lora_params.values()} <= opt
     out = tmp_path / "ad"
-    assert {"adapter.safetensors", "adapter_config.json", "lora.safetensors", "lora_config.json"} <= {p.name for p in out.iterdir()}
+    assert {"adapter.safetensors", "adapter_config.json", "lora"} <= {p.name for p in out.iterdir()}
+    assert {p.name for p in (out / "lora").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     # Reloaded adapter + LoRA reproduce the trained model's greedy reply; the shared LLM is untouched.
     loaded = load_parabridge(out, llm=shared)
     clip = str(toy_corpus / "clip0.wav")

@@ -15,7 +15,7 @@ from paraencoder.audio import load_audio, pad_waves
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.data.manifest import load_manifest
 from paraencoder.errors import ConfigError
-from paraencoder.peft_tuning import LLMLoRA, PEFTAlignmentModule, head_label
+from paraencoder.peft_tuning import PEFTAlignmentModule, head_label
 from paraencoder.training import AlignmentData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,9 +141,12 @@ def test_lora_trains_base_llm_bit_identical_saved_separately_head_dropped(tmp_pa
     # Saved separately: the adapter holds neither LoRA nor head tensors; no head files by default.
     adapter_keys = set(load_file(export / "adapter.safetensors"))
     assert not any("lora" in k or k.startswith("head") for k in adapter_keys)
-    lora_file = load_file(export / "lora.safetensors")
-    assert set(lora_file) == set(after) and all(torch.equal(lora_file[k], after[k]) for k in after)
-    assert json.loads((export / "lora_config.json").read_text())["rank"] == 4
+    # peft's own layout in lora/, pinned by hash in the adapter config.
+    lora_file = load_file(export / "lora" / "adapter_model.safetensors")
+    assert set(lora_file) == {f"base_model.model.{k}" for k in after} and all(torch.equal(lora_file[f"base_model.model.{k}"], v) for k, v in after.items())
+    assert json.loads((export / "lora" / "adapter_config.json").read_text())["r"] == 4
+    section = json.loads((export / "adapter_config.json").read_text())["lora"]
+    assert section["path"] == "lora" and len(section["weights_sha256"]) == 64
     assert not (export / "head.safetensors").exists()
     # The LoRA is off outside the student pass, and changes the LLM's output when on.
     enc = module.llm.encode(["Kids are talking by the door."], require_speech=False)
@@ -153,19 +156,20 @@ def test_lora_trains_base_llm_bit_identical_saved_separately_head_dropped(tmp_pa
             tuned = module.llm.hidden_states(module.llm.embed(enc), enc.attention_mask)
         again = module.llm.hidden_states(module.llm.embed(enc), enc.attention_mask)
     assert torch.equal(plain, again) and not torch.allclose(plain, tuned)
-    # Loading the saved LoRA onto the LLM reproduces the trained one.
-    module.lora.set_enabled(False)
-    loaded = LLMLoRA.load(export, module.llm)
+    # Loading the saved LoRA (onto a private copy of the shared base LLM) reproduces the trained one.
+    from paraencoder import backbones
+    from paraencoder.lora import load_lora
+
+    loaded = load_lora(export, section, backbones.resolve_llm(str(tiny_llm_dir)))
     with torch.no_grad():
-        reloaded = module.llm.hidden_states(module.llm.embed(enc), enc.attention_mask)
-    loaded.set_enabled(False)
+        reloaded = loaded.hidden_states(loaded.embed(enc), enc.attention_mask)
     torch.testing.assert_close(reloaded, tuned, rtol=0, atol=1e-6)
 
 
 def test_keep_head_writes_head_next_to_adapter(tmp_path, tiny_llm_dir, tiny_whisper_dir):
     module = make_module(tiny_llm_dir, tiny_whisper_dir, train_layers="0", head_hierarchy=HIERARCHY, keep_head=True)
-    files = module.export_extras(tmp_path)
-    assert [f.name for f in files] == ["head.safetensors", "head_config.json"]
+    assert module.export_parts(tmp_path) == {}  # no LoRA: nothing for the adapter config to pin
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["head.safetensors", "head_config.json"]
     state = load_file(tmp_path / "head.safetensors")
     assert set(state) == set(module.head.state_dict()) and json.loads((tmp_path / "head_config.json").read_text())["layer"] == 1
 

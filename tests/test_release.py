@@ -9,10 +9,12 @@ import pytest
 
 from conftest import shared_data_or_skip
 
-RELEASE = Path(__file__).resolve().parents[1] / "checkpoints" / "quickstart-whisper-base-smollm2"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+RELEASES = [CHECKPOINTS / "quickstart-whisper-base-smollm2", CHECKPOINTS / "hearing-whisper-base-smollm2"]
 
 
-def test_release_files_are_safe_and_documented():
+@pytest.mark.parametrize("RELEASE", RELEASES, ids=lambda p: p.name)
+def test_release_files_are_safe_and_documented(RELEASE):
     names = {p.name for p in RELEASE.iterdir()}
     assert {"adapter.safetensors", "adapter_config.json", "README.md", "results.json"} <= names
     assert not any(n.endswith((".ckpt", ".pt", ".bin", ".pkl")) for n in names), "released adapters are safetensors + JSON only"
@@ -26,7 +28,8 @@ def test_release_files_are_safe_and_documented():
 
 
 @pytest.mark.integration
-def test_released_adapter_answers_from_speech(tmp_path):
+@pytest.mark.parametrize("RELEASE", RELEASES, ids=lambda p: p.name)
+def test_released_adapter_answers_from_speech(tmp_path, RELEASE):
     from paraencoder import backbones
     from paraencoder.adapter import SpeechAdapter
     from paraencoder.errors import BackboneError

@@ -12,12 +12,15 @@ from __future__ import annotations
 __all__ = ["ask_bank"]
 
 
-def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = 16, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False) -> dict:
+def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = 16, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False, stated: bool = False) -> dict:
     """Ask each clip one question of ``QUESTION_BANK[attribute][split]`` (rotating phrasings); parsed accuracy.
 
     ``split="trained"`` asks the original fixed phrasing only. Returns ``{"accuracy", "no_label", "n",
     "per_phrasing": {text: accuracy}, "rows": [...]}``. ``forms`` selects answer formats: the
     naming formats by default; yes/no separately (its chance level is 50%, not 1/classes).
+    ``stated=True`` asks the adapter's frozen LLM the same questions as *text* with the label stated
+    (the teacher's premise, no audio): what this LLM answers when it is told, per phrasing - the
+    ceiling a speech adapter can reach with it.
     """
     from paraencoder.audio import SAMPLE_RATE, load_audio
     from paraencoder.eval.labels import score_answer
@@ -41,8 +44,12 @@ def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens:
         bar = tqdm(total=len(utts), desc=f"{attribute}: {split} phrasings", unit="clip")
     for start in range(0, len(asks), batch_size):
         chunk = asks[start : start + batch_size]
-        waves = [load_audio(utts[i].audio, offset=utts[i].offset or 0.0, duration=utts[i].duration) for i, _, _, _ in chunk]
-        replies = adapter.generate(waves, [p for _, _, _, p in chunk], sample_rate=SAMPLE_RATE, max_new_tokens=max_new_tokens)
+        if stated:
+            prompts = [q.teacher(getattr(utts[i], attribute), **slots) for i, q, slots, _ in chunk]
+            replies = adapter.llm.generate_text(prompts, max_new_tokens=max_new_tokens)
+        else:
+            waves = [load_audio(utts[i].audio, offset=utts[i].offset or 0.0, duration=utts[i].duration) for i, _, _, _ in chunk]
+            replies = adapter.generate(waves, [p for _, _, _, p in chunk], sample_rate=SAMPLE_RATE, max_new_tokens=max_new_tokens)
         for (i, q, slots, _), reply in zip(chunk, replies):
             label = getattr(utts[i], attribute)
             pred, correct = score_answer(attribute, q.form, reply, label, slots.get("candidate"))

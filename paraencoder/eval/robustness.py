@@ -246,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.data.dataset import build_examples
     from paraencoder.data.manifest import load_manifest
     from paraencoder.io import atomic_write_json
-    from paraencoder.parabridge import load_parabridge
+    from paraencoder.adapter import SpeechAdapter
     from paraencoder.prompts import get_tasks
 
-    adapter = load_parabridge(args.adapter, llm=args.llm)
+    adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm)  # with its LLM LoRA, if it has one
     examples = build_examples(load_manifest(args.manifest), get_tasks(args.task), source=args.manifest)[: args.max_examples]
     result = evaluate_robustness(adapter, examples, teacher=args.teacher, max_new_tokens=args.max_new_tokens)
     print(format_table(result))

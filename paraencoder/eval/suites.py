@@ -179,7 +179,7 @@ def _labels_of(utt) -> dict:
 # -- suites -------------------------------------------------------------------------------------
 
 
-def _phrasing_views(adapter, sel, field: str, truth, lset, *, batch_size, max_new_tokens, progress) -> dict:
+def _phrasing_views(adapter, sel, field: str, truth, lset, *, batch_size, max_new_tokens, progress, baselines: bool = False) -> dict:
     """Held-out phrasings of the question bank: naming formats scored like the trained phrasing, yes/no apart."""
     from paraencoder.eval.phrasings import ask_bank
 
@@ -200,6 +200,10 @@ def _phrasing_views(adapter, sel, field: str, truth, lset, *, batch_size, max_ne
             preds = [r["pred"] if r["pred"] in labels or r["pred"] is None else "(other)" for r in rows]
             res["report"] = classification_report([r["label"] for r in rows], preds, labels)
         out[view] = {**res, "rows": rows}
+    if baselines:
+        # The ceiling per phrasing: the same held-out questions as text with the label stated.
+        res = ask_bank(adapter, mapped, field, "eval", forms=("word", "sentence", "open", "choice"), batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, stated=True)
+        out["unseen_stated"] = res
     return out
 
 
@@ -256,7 +260,7 @@ def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, bas
     asked: dict = {}
     if phrasings and system is None and lset.name in ("emotion8", "age", "gender"):
         # The same clips asked in words never used for training (disjoint bank), next to the trained phrasing.
-        asked = _phrasing_views(adapter, sel, field, truth, lset, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+        asked = _phrasing_views(adapter, sel, field, truth, lset, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, baselines=baselines)
         sp = metrics["speech"]
         metrics["phrasings"] = {
             "trained": {"accuracy": sp["accuracy"], "no_label": sp.get("unparsable_rate"), "n": len(sel), "question": task.student.replace(SPEECH, "").strip()},
@@ -265,7 +269,8 @@ def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, bas
         notes.append(
             "phrasings: 'trained' is the fixed training question; 'unseen' rotates the held-out bank's naming questions "
             "(one word, sentence, open, multiple choice) over the clips; 'unseen_yesno' asks held-out yes/no questions "
-            "(the true class half the time; chance 50%). no_label = replies that name no class (or no yes/no)."
+            "(the true class half the time; chance 50%); 'unseen_stated' asks the same held-out naming questions as text with the "
+            "label stated (no audio): what this LLM answers when told, the ceiling per phrasing. no_label = replies that name no class (or no yes/no)."
         )
         if name == "emotion" and lset.name == "emotion8":
             four = get_label_set("emotion4")

@@ -36,12 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.serve.app import ServeConfig, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)
-    from paraencoder.peft_tuning import LORA_CONFIG, LLMLoRA
-
-    if (Path(args.adapter) / LORA_CONFIG).is_file():  # a PE-FT release: its LLM LoRA is on while serving
-        LLMLoRA.load(args.adapter, adapter.llm, enabled=True)
-        logging.getLogger("paraencoder.serve").info("LLM LoRA from %s is on", args.adapter)
+    adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)  # with its LLM LoRA, if it has one
     config = ServeConfig(
         model_name=args.model_name or Path(args.adapter).resolve().name,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
