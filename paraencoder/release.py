@@ -155,7 +155,7 @@ def _cue_lines(config: dict) -> list[str]:
     return [
         f"- **Verbal cue**: per attribute a {'linear' if not cue.get('hidden_dim') else 'one-hidden-layer'} classifier reads the clip's "
         f"pooled ({cue.get('pooling')}) encoder states of the mixed layers; its class posterior mixes the frozen LLM's own "
-        f"embeddings of the class words into `{cue['template']}`, placed before the frame tokens ({classes}). "
+        f"embeddings of the class words into `{cue['template']}`, placed {cue.get('position', 'before')} the frame tokens ({classes}). "
         "`SpeechAdapter.heard(audio)` returns those posteriors.",
     ]
 

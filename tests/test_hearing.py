@@ -328,3 +328,19 @@ def test_demo_runs_its_own_copy_of_the_recipe_with_paths_under_out(tmp_path):
     metrics = {"n": 48, "chance": 0.125, "speech": {"accuracy": 0.5}, "transcript": {"accuracy": 0.125}, "phrasings": {"trained": {"no_label": 0.0}, "unseen": {"accuracy": 0.4, "no_label": 0.02}, "unseen_yesno": {"accuracy": 0.7}}}
     report = render_report({"emotion": {"metrics": metrics}}, {"eval: total": 1.0}, tmp_path, True, Path("checkpoints/x"))
     assert "Nothing was trained" in report and "| emotion | 48 | 50.0% | 40.0% | 70.0% | 0.0% / 2.0% | 12.5% | - | 12.5% (yes/no 50%) |" in report
+
+
+def test_demo_defaults_to_the_released_hearing_recipe_and_describes_the_adapter(tmp_path):
+    from paraencoder.demo import RELEASED, REPO, describe_adapter, recipe_tasks
+
+    # The default recipe asks the question bank only (no per-transcript teacher replies): all clips are used.
+    assert "respond" not in recipe_tasks(REPO / "recipes" / "hearing.yaml")
+    assert "respond" in recipe_tasks(REPO / "recipes" / "quickstart.yaml")
+    assert RELEASED.name == "hearing-whisper-base-smollm2" and (RELEASED / "adapter_config.json").is_file()
+    line = describe_adapter(RELEASED)
+    assert "verbal cue" in line and "after the frame tokens" in line and "(The speaker is {age_group}, feeling {emotion}.)" in line
+    assert "verbal cue" not in describe_adapter(REPO / "checkpoints" / "quickstart-whisper-base-smollm2")
+    from paraencoder.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not found"):
+        recipe_tasks(tmp_path / "missing.yaml")
