@@ -268,23 +268,25 @@ class SpeechAdapter(nn.Module):
         llm = self.llm
         was_training = self.training
         self.eval()
-        device = llm.device
-        waves, lengths, single = self._load_batch(audio, sample_rate)
-        if isinstance(prompt, str):
-            prompts = [prompt] * waves.shape[0]
-        else:
-            prompts = list(prompt)
-            if len(prompts) != waves.shape[0]:
-                raise ConfigError(f"generate: {len(prompts)} prompts for {waves.shape[0]} clips; give one prompt, or one per clip")
-        waves, lengths = waves.to(device), lengths.to(device)
-        soft, soft_lengths = self(waves, lengths)
-        system = self.system_prompt if system is None else system
-        batch = llm.encode(prompts, num_speech_tokens=soft_lengths.tolist(), system=system, padding_side="left").to(device)
-        embeds = llm.embed(batch, soft, soft_lengths)
-        texts = llm.generate_embeds(
-            embeds, batch.attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
-        )
-        self.train(was_training)
+        try:  # a bad input (or an interrupt) must not leave a training module in eval mode
+            device = llm.device
+            waves, lengths, single = self._load_batch(audio, sample_rate)
+            if isinstance(prompt, str):
+                prompts = [prompt] * waves.shape[0]
+            else:
+                prompts = list(prompt)
+                if len(prompts) != waves.shape[0]:
+                    raise ConfigError(f"generate: {len(prompts)} prompts for {waves.shape[0]} clips; give one prompt, or one per clip")
+            waves, lengths = waves.to(device), lengths.to(device)
+            soft, soft_lengths = self(waves, lengths)
+            system = self.system_prompt if system is None else system
+            batch = llm.encode(prompts, num_speech_tokens=soft_lengths.tolist(), system=system, padding_side="left").to(device)
+            embeds = llm.embed(batch, soft, soft_lengths)
+            texts = llm.generate_embeds(
+                embeds, batch.attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+            )
+        finally:
+            self.train(was_training)
         return texts[0] if single else texts
 
     @torch.no_grad()

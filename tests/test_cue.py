@@ -189,3 +189,11 @@ def test_cue_after_the_frames_sits_right_after_each_rows_valid_tokens(tiny_llm_d
         frames = int(na[row]) - c
         torch.testing.assert_close(b[row, :frames], a[row, c : c + frames])  # the same frame tokens first
         torch.testing.assert_close(b[row, frames : frames + c], a[row, :c])  # then the same cue sentence
+
+
+def test_generate_restores_train_mode_when_it_fails(tiny_llm_dir, tiny_whisper_dir):
+    adapter = SpeechAdapter.build(str(tiny_whisper_dir), str(tiny_llm_dir), stack=2, hidden_dim=32, cue=CUE)
+    adapter.train()
+    with pytest.raises(ConfigError, match="prompts for"):
+        adapter.generate([torch.zeros(16000).numpy(), torch.zeros(16000).numpy()], ["<speech>\none"] * 3, sample_rate=16000)
+    assert adapter.training and adapter.projector.training
