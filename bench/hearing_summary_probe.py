@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 chunk = utts[start : start + 16]
                 waves, lengths = pad_waves([load_audio(u.audio) for u in chunk])
                 soft, _ = module.adapter(waves, lengths)
-                logits = module.aux(soft[:, : module.adapter.num_summary_tokens])[attr]
+                logits = module.aux(soft[:, : module.adapter.summary.num_tokens])[attr]  # summary tokens lead each clip
                 names = module.aux.classes[attr]
                 right += sum(names[i] == getattr(u, attr) for i, u in zip(logits.argmax(-1).tolist(), chunk))
         results[attr] = {"accuracy": right / len(utts), "n": len(utts)}

@@ -54,8 +54,9 @@ class SpeechAdapter(nn.Module):
         summary_tokens: clip-level soft tokens (attention-pooled over all frames) prepended to the
             frame tokens; 0 = frame tokens only (adapters before 0.3).
         cue: a verbal cue (:mod:`paraencoder.cue`): clip classifiers whose posteriors fill a fixed
-            sentence of the LLM's own word embeddings, placed before the frame tokens; ``None`` = none.
-            A mapping with ``template`` and ``classes`` (e.g. :data:`paraencoder.cue.DEFAULT_CUE`).
+            sentence of the LLM's own word embeddings, placed before or after the frame tokens
+            (``position``); ``None`` = none. A mapping with ``template`` and ``classes`` (e.g.
+            :data:`paraencoder.cue.DEFAULT_CUE`).
     """
 
     def __init__(
@@ -166,9 +167,21 @@ class SpeechAdapter(nn.Module):
         return self.projector.output_lengths(frames) + self.num_summary_tokens
 
     @property
+    def clip_tokens(self) -> tuple[int, int]:
+        """Clip-level soft tokens (not one per stretch of frames) in each clip's tokens: ``(before the frames, after them)``.
+
+        Summary tokens and a verbal cue placed ``"before"`` lead the frame tokens; a cue placed
+        ``"after"`` follows them. Long-audio windowing (:func:`paraencoder.dialogue.speech_tokens`)
+        averages these over windows and concatenates only the frame tokens.
+        """
+        cue = self.cue.num_tokens if self.cue is not None else 0
+        after = cue if self.cue is not None and self.cue.position == "after" else 0
+        return (self.summary.num_tokens if self.summary is not None else 0) + cue - after, after
+
+    @property
     def num_summary_tokens(self) -> int:
-        """Clip-level tokens before the frame tokens: summary tokens, then the verbal cue's."""
-        return (self.summary.num_tokens if self.summary is not None else 0) + (self.cue.num_tokens if self.cue is not None else 0)
+        """How many clip-level tokens each clip carries besides its frame tokens (both sides of :attr:`clip_tokens`)."""
+        return sum(self.clip_tokens)
 
     def encode(self, waves: torch.Tensor, lengths: torch.Tensor):
         """Run the encoder only as deep as the projector reads: ``EncoderOutput``."""
@@ -186,7 +199,8 @@ class SpeechAdapter(nn.Module):
     def project_with_cue(self, hidden_states: tuple[torch.Tensor, ...], frame_lengths: torch.Tensor):
         """:meth:`project` plus the verbal cue's class logits (attribute → ``[B, C]``; empty without a cue).
 
-        Each clip's tokens are: summary tokens, the cue sentence, frame tokens (padding at the end).
+        Each clip's tokens are: summary tokens, the cue sentence if its ``position`` is ``"before"``,
+        frame tokens, the cue sentence if it is ``"after"`` (padding at the end); :attr:`clip_tokens`.
         """
         frames = self.layer_select(hidden_states)
         tokens, lengths = self.projector(frames, frame_lengths)

@@ -219,8 +219,9 @@ def speech_tokens(
     windows of ``window_seconds`` (default: the encoder's context, 30 s for Whisper) overlapping by
     ``overlap_seconds``, at most ``max_batch`` windows per forward call; each window keeps the frame
     tokens of its own stretch (half of each overlap goes to either neighbour), so the count equals
-    ``adapter.token_lengths`` of the whole clip. An adapter's clip-level summary tokens (if any)
-    become the duration-weighted mean of the windows' summary tokens, ahead of the frame tokens.
+    ``adapter.token_lengths`` of the whole clip. An adapter's clip-level tokens (summary tokens, a
+    verbal cue: ``adapter.clip_tokens``, before and after the frame tokens) become the
+    duration-weighted mean of the windows' ones, in the same place.
     """
     if not clips:
         return []
@@ -232,10 +233,10 @@ def speech_tokens(
     window, overlap, per_token = window_geometry(adapter, window_seconds, overlap_seconds)
     if all(w.shape[0] <= window for w in waves):
         return _run(adapter, waves, device)
-    k = int(getattr(adapter, "num_summary_tokens", 0) or 0)
+    before, after = getattr(adapter, "clip_tokens", (0, 0))
     hop = window - overlap
     # Frame tokens two neighbouring windows share; half go to either side.
-    shared = int(adapter.token_lengths(torch.tensor([window]))[0]) - k - hop // per_token
+    shared = int(adapter.token_lengths(torch.tensor([window]))[0]) - before - after - hop // per_token
     left, right = shared // 2, shared - shared // 2
     pieces: list[tuple[int, int, int, int]] = []  # (clip, window index, number of windows, start sample)
     for c, w in enumerate(waves):
@@ -261,20 +262,20 @@ def speech_tokens(
             warnings.warn("adapter(waves, lengths) returned a token count other than token_lengths(); long-audio windows are concatenated untrimmed", stacklevel=2)
             result.append(torch.cat(outs))
             continue
-        frames, summaries = [], []
+        frames, heads, tails = [], [], []
         for j, out in enumerate(outs):
-            summaries.append(out[:k])
-            body = out[k:]
+            heads.append(out[:before])
+            tails.append(out[out.shape[0] - after :])
+            body = out[before : out.shape[0] - after]
             lo = 0 if j == 0 else left
             hi = body.shape[0] if j == count - 1 else body.shape[0] - right
             frames.append(body[lo:hi])
-        weights = spans
-        parts = frames
-        if k:
-            weight = torch.tensor(weights, dtype=summaries[0].dtype, device=summaries[0].device)
-            summary = (torch.stack(summaries) * weight[:, None, None]).sum(0) / weight.sum()
-            parts = [summary] + frames
-        result.append(torch.cat(parts))
+        weight = torch.tensor(spans, dtype=outs[0].dtype, device=outs[0].device)
+
+        def mean(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [(torch.stack(parts) * weight[:, None, None]).sum(0) / weight.sum()] if parts[0].shape[0] else []
+
+        result.append(torch.cat(mean(heads) + frames + mean(tails)))
     return result
 
 

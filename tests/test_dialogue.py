@@ -116,6 +116,37 @@ def test_long_audio_is_windowed_linearly(adapter):
     assert torch.allclose(both[0], speech_tokens(adapter, [short])[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_long_audio_keeps_clip_level_tokens_in_place(tiny_whisper_dir, tiny_llm_dir, position):
+    """A verbal cue (clip-level tokens before or after the frames) is averaged over windows in its own place."""
+    cue = {"template": "(s{emotion})", "classes": {"emotion": {"sad": "s", "happy": "h"}}, "position": position}
+    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    torch.manual_seed(0)
+    adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32, cue=cue).eval()
+    with torch.no_grad():
+        for p in adapter.cue.parameters():
+            p.normal_()
+    before, after = adapter.clip_tokens
+    c = adapter.cue.num_tokens
+    assert (before, after) == ((c, 0) if position == "before" else (0, c))
+    window, overlap, _ = window_geometry(adapter)
+    wave = tone(45.0, 150.0)
+    (toks,) = speech_tokens(adapter, [wave])
+    assert toks.shape[0] == int(adapter.token_lengths(torch.tensor([wave.shape[0]]))[0])
+    # Independent reference: each window alone through the adapter (two windows for 45 s).
+    starts = [0, window - overlap]
+    spans = [min(window, wave.shape[0] - s) for s in starts]
+    alone = [adapter.speech_tokens([wave[s : s + window]], sample_rate=SR)[0] for s in starts]
+    cues = [a[:c] if position == "before" else a[a.shape[0] - c :] for a in alone]
+    expected_cue = (cues[0] * spans[0] + cues[1] * spans[1]) / sum(spans)
+    got_cue = toks[:c] if position == "before" else toks[toks.shape[0] - c :]
+    torch.testing.assert_close(got_cue, expected_cue, atol=1e-5, rtol=1e-4)
+    # The clip starts with the first window's first frame tokens, whatever side the cue is on.
+    first_frames = alone[0][c : c + 5] if position == "before" else alone[0][:5]
+    got_frames = toks[c : c + 5] if position == "before" else toks[:5]
+    torch.testing.assert_close(got_frames, first_frames, atol=1e-5, rtol=1e-4)
+
+
 def test_ninety_second_clip_is_answered_and_capped(adapter):
     reply = adapter.chat([{"role": "user", "content": [audio(tone(90.0, 150.0)), "Summarise."]}], max_new_tokens=4)
     assert isinstance(reply, str)
