@@ -8,7 +8,7 @@ class posterior mixes the LLM's *own input embeddings* of the class words into a
 
     "(The speaker is" [p(child)·E(" a child") + p(adult)·E(" an adult")] ", feeling" [Σ p(e)·E(" e")] ".)"
 
-spliced in front of the frame tokens. A confident clip reads as the sentence a user would have
+spliced before or after the frame tokens (``position``). A confident clip reads as the sentence a user would have
 typed; an uncertain one as a blend of its candidates. Nothing of the LLM trains: the template and
 word embeddings are buffers derived from the LLM (never saved; its identity is checked on load),
 and the classifiers and their feature standardisation are the adapter's weights.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paraencoder.errors import ConfigError
+from paraencoder.objectives.heads import class_ids
 
 POOLINGS = ("mean", "mean_std")
 POSITIONS = ("before", "after")
@@ -223,8 +224,7 @@ class VerbalCue(nn.Module):
         total = sum(lg.sum() * 0.0 for lg in logits.values())
         parts: dict[str, torch.Tensor] = {}
         for attr, lg in logits.items():
-            names = self.labels[attr]
-            ids = torch.tensor([names.index(x) if x in names else -100 for x in labels.get(attr, [None] * lg.shape[0])], device=lg.device)
+            ids = class_ids(self.labels[attr], labels.get(attr, [None] * lg.shape[0]), lg.device)
             if bool((ids != -100).any()):
                 ce = F.cross_entropy(lg.float(), ids, ignore_index=-100)
                 right = (lg.argmax(-1) == ids)[ids != -100].float().mean()

@@ -157,7 +157,7 @@ class AlignmentModule(L.LightningModule):
             (``"auto"`` = ``$PARAENCODER_CACHE/encoder_states``; ``None`` = in memory only).
         cue: a verbal cue in the adapter (:mod:`paraencoder.cue`; ``{template, classes}``, e.g.
             :data:`paraencoder.cue.DEFAULT_CUE`): clip classifiers whose posteriors are written as the
-            LLM's own class-word embeddings in a fixed sentence before the frame tokens. ``None`` = none.
+            LLM's own class-word embeddings in a fixed sentence before or after the frame tokens. ``None`` = none.
         cue_weight: weight of the cue classifiers' cross-entropy on the clips' labels (summed over attributes).
         cue_fit_steps: before the first step, fit the cue classifiers on every training clip's pooled
             frozen-encoder features for this many full-batch AdamW steps (no LLM: seconds); 0 = off.
@@ -328,8 +328,11 @@ class AlignmentModule(L.LightningModule):
         return self.adapter.project_with_cue(hidden, frame_lengths)
 
     def cached_states(self, batch: dict) -> tuple[tuple, torch.Tensor]:
-        """The frozen encoder's hidden states for the batch's clips (the layers the adapter reads; others ``None``)."""
-        waves, lengths = batch["waves"], batch["lengths"]
+        """The frozen encoder's hidden states for the batch's clips (the layers the adapter reads; others ``None``).
+
+        ``batch["waves"]``/``["lengths"]`` are needed only for clips in neither cache.
+        """
+        waves, lengths = batch.get("waves"), batch.get("lengths")
         keys = batch.get("clip_keys") or [(ex.audio, ex.offset, ex.duration) for ex in batch["examples"]]
         needed = self.adapter.layer_select.mix_layers
         missing = [i for i, k in enumerate(keys) if k not in self._encoder_cache]
@@ -343,6 +346,8 @@ class AlignmentModule(L.LightningModule):
                 else:
                     still.append(i)
             missing = still
+        if missing and waves is None:
+            raise ConfigError(f"{len(missing)} clip(s) are not in the encoder-state cache and the batch carries no audio to encode them")
         if missing:
             if disk is not None:
                 # Encode the whole stack once so every later run (any layer choice) reads it from disk.
@@ -478,12 +483,10 @@ class AlignmentModule(L.LightningModule):
             for start in range(0, len(keys), 32):
                 chunk = keys[start : start + 32]
                 batch = {"examples": [clips[k] for k in chunk], "clip_keys": chunk}
-                if disk is None or any(disk.key(*k) not in disk for k in chunk):
+                if disk is None or any(disk.key(*k) not in disk for k in chunk):  # else every clip is read from disk
                     from paraencoder.audio import load_audio, pad_waves
 
                     batch["waves"], batch["lengths"] = pad_waves([load_audio(k[0], offset=k[1], duration=k[2]) for k in chunk])
-                else:  # every clip is read from the disk cache: no audio needed
-                    batch["waves"], batch["lengths"] = torch.zeros(len(chunk), 1), torch.ones(len(chunk), dtype=torch.long)
                 hidden, frame_lengths = self.cached_states(batch)
                 features.append(pool_states(hidden, frame_lengths, cue.layers, cue.pooling).cpu())
                 for k in chunk:  # pooled features are all the fit needs: do not keep every clip's frames in RAM

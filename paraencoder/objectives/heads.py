@@ -18,6 +18,11 @@ from paraencoder.errors import ConfigError
 POOLINGS = ("mean", "max")
 
 
+def class_ids(names: list[str], labels: list[str | None], device: torch.device | None = None) -> torch.Tensor:
+    """Each label's index in ``names``; -100 (what ``cross_entropy`` ignores) where it is ``None`` or not a class."""
+    return torch.tensor([names.index(x) if x in names else -100 for x in labels], device=device)
+
+
 def masked_pool(states: torch.Tensor, lengths: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
     """Pool ``states [B, F, D]`` over the first ``lengths[b]`` frames of each row -> ``[B, D]``."""
     frames = torch.arange(states.shape[1], device=states.device)
@@ -210,8 +215,7 @@ class SummaryHead(nn.Module):
         parts = {}
         total = None
         for attr, lg in logits.items():
-            names = self.classes[attr]
-            ids = torch.tensor([names.index(x) if x in names else -100 for x in labels.get(attr, [None] * lg.shape[0])], device=lg.device)
+            ids = class_ids(self.classes[attr], labels.get(attr, [None] * lg.shape[0]), lg.device)
             if (ids != -100).any():
                 ce = F.cross_entropy(lg.float(), ids, ignore_index=-100)
             else:
