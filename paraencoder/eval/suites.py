@@ -202,7 +202,7 @@ def _phrasing_views(adapter, sel, field: str, truth, lset, *, batch_size, max_ne
         out[view] = {**res, "rows": rows}
     if baselines:
         # The ceiling per phrasing: the same held-out questions as text with the label stated.
-        res = ask_bank(adapter, mapped, field, "eval", forms=("word", "sentence", "open", "choice"), batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, stated=True)
+        res = ask_bank(adapter, mapped, field, "eval", batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, stated=True)  # naming formats
         out["unseen_stated"] = res
     return out
 
