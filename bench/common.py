@@ -44,7 +44,16 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # What the kernels can use: bf16 is fast only with AVX-512 BF16 / AMX (docs/performance.md).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("\n")
+        info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in flags if line.startswith("model name")), None)
+        have = set(next((line.split(":", 1)[1].split() for line in flags if line.startswith("flags")), []))
+        info["cpu_bf16_instructions"] = sorted(have & {"avx512_bf16", "amx_bf16", "avx512f", "avx2", "avx_vnni"})
+    except OSError:  # not Linux
+        pass
     try:
         import transformers
 

@@ -48,12 +48,14 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, type=Path)
     parser.add_argument("--name", required=True, help="results go to bench/results/hearing_<name>.json")
     parser.add_argument("--data", type=Path, default=REPO / "outputs" / "hearing" / "data", help="folder with test_ravdess.jsonl and test_speechocean.jsonl")
     parser.add_argument("--suites", default="emotion,age")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help="clips per batched generation")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--limit", type=int, default=None, help="at most this many clips per suite (class-stratified)")
     parser.add_argument("--no-baselines", action="store_true")

@@ -6,6 +6,7 @@ into soft tokens for one specific frozen LLM, whose identity it records and chec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -253,6 +254,43 @@ class SpeechAdapter(nn.Module):
         return not any(p.requires_grad for p in self.encoder.parameters())
 
     # -- inference -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reusing_speech_tokens(self):
+        """Inside this block :meth:`generate` computes each distinct clip's soft tokens once.
+
+        An evaluation asks every clip several questions (trained phrasing, unseen phrasings, yes/no):
+        the encoder and projector need to run once per clip, not once per question. Clips are keyed
+        by their samples; the memory is dropped when the block ends (the weights may change after).
+        Nested blocks share the outer one's memory.
+        """
+        outer = self.__dict__.get("_token_memo")
+        self.__dict__["_token_memo"] = {} if outer is None else outer
+        try:
+            yield self
+        finally:
+            self.__dict__["_token_memo"] = outer
+
+    def _speech_tokens_for(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self(waves, lengths)``, through the :meth:`reusing_speech_tokens` memory when one is open."""
+        memo = self.__dict__.get("_token_memo")
+        if memo is None:
+            return self(waves, lengths)
+        keys = []
+        for w, n in zip(waves, lengths.tolist()):
+            keys.append(hashlib.blake2b(w[:n].detach().cpu().numpy().tobytes(), digest_size=16).digest() + n.to_bytes(8, "little"))
+        todo = [i for i, k in enumerate(keys) if k not in memo]
+        if todo:
+            idx = torch.tensor(todo, device=waves.device)
+            sub_lengths = lengths[idx]
+            soft, soft_lengths = self(waves[idx, : int(sub_lengths.max())], sub_lengths)
+            for j, i in enumerate(todo):
+                memo[keys[i]] = soft[j, : int(soft_lengths[j])]
+        rows = [memo[k] for k in keys]
+        out = rows[0].new_zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[1])
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        return out, torch.tensor([r.shape[0] for r in rows], device=waves.device)
+
     def _load_batch(self, audio: AudioInput | Sequence[AudioInput], sample_rate: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         single = isinstance(audio, (str, os.PathLike)) or (isinstance(audio, (np.ndarray, torch.Tensor)) and audio.ndim == 1)
         items = [audio] if single else list(audio)
@@ -292,12 +330,12 @@ class SpeechAdapter(nn.Module):
                 if len(prompts) != waves.shape[0]:
                     raise ConfigError(f"generate: {len(prompts)} prompts for {waves.shape[0]} clips; give one prompt, or one per clip")
             waves, lengths = waves.to(device), lengths.to(device)
-            soft, soft_lengths = self(waves, lengths)
+            soft, soft_lengths = self._speech_tokens_for(waves, lengths)
             system = self.system_prompt if system is None else system
             batch = llm.encode(prompts, num_speech_tokens=soft_lengths.tolist(), system=system, padding_side="left").to(device)
             embeds = llm.embed(batch, soft, soft_lengths)
             texts = llm.generate_embeds(
-                embeds, batch.attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+                embeds, batch.attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, batch=batch
             )
         finally:
             self.train(was_training)

@@ -92,12 +92,13 @@ class HearingCurve(L.Callback):
         if wanted <= {(r["task"], r["phrasing"]) for r in self.rows if r["step"] == step}:
             return  # measured before this run was resumed: not redone
         start = time.perf_counter()
-        for task, utts in self.sets.items():
-            for split in self.phrasings:
-                from paraencoder.eval.phrasings import ask_bank
+        from paraencoder.eval.phrasings import ask_bank
 
-                result = ask_bank(module.adapter, utts, _FIELDS[task], split, max_new_tokens=self.max_new_tokens)
-                self.rows.append({"step": step, "task": task, "phrasing": split, "accuracy": result["accuracy"], "no_label": result["no_label"], "n": result["n"]})
+        with module.adapter.reusing_speech_tokens():  # a clip asked in every phrasing is encoded once per point
+            for task, utts in self.sets.items():
+                for split in self.phrasings:
+                    result = ask_bank(module.adapter, utts, _FIELDS[task], split, max_new_tokens=self.max_new_tokens)
+                    self.rows.append({"step": step, "task": task, "phrasing": split, "accuracy": result["accuracy"], "no_label": result["no_label"], "n": result["n"]})
         self.rows = sorted({(r["step"], r["task"], r["phrasing"]): r for r in self.rows}.values(), key=lambda r: (r["step"], r["task"], r["phrasing"]))
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         latest = ", ".join(f"{r['task']}/{r['phrasing']} {r['accuracy']:.2f}" for r in self.rows if r["step"] == step)

@@ -28,6 +28,12 @@ _FALLBACK_TEMPLATE = (
 )
 
 
+# Architectures whose decoder takes a pre-filled DynamicCache of full-attention layers and gives the
+# same hidden states as one forward over the whole sequence (tests/test_prefix_cache.py checks them).
+# Others (sliding-window or hybrid attention) run the plain forward.
+_PREFIX_CACHE_SAFE = frozenset({"llama", "qwen2", "qwen3"})
+
+
 @dataclass
 class PromptBatch:
     """A tokenized batch: ids with speech slots, which positions take soft tokens, and the loss targets."""
@@ -150,6 +156,9 @@ class FrozenLLM:
         self.identity = ident
         self._end_ids = self._stop_token_ids()
         self._control_ids, self._added_texts = _control_tokens(tokenizer)
+        self.prefix_cache = True  # reuse the shared prompt prefix as a KV cache in hidden_states(batch=...)
+        self.fast_greedy = True  # greedy decoding through greedy_ids (finished rows leave the batch); False = model.generate
+        self._prefix_store: dict = {}
 
     def with_system_prompt(self, system_prompt: str | None) -> "FrozenLLM":
         """A view of this LLM (the same model, tokenizer and identity) whose default system prompt is ``system_prompt``.
@@ -443,9 +452,20 @@ class FrozenLLM:
         # Explicit positions so left padding does not shift them.
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, output_hidden_states: bool = False):
-        """Final-norm hidden states of the base model ``[B, L, H]`` (no LM head: the loss applies it in chunks)."""
+    def hidden_states(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, output_hidden_states: bool = False, batch: PromptBatch | None = None
+    ):
+        """Final-norm hidden states of the base model ``[B, L, H]`` (no LM head: the loss applies it in chunks).
+
+        With ``batch`` (the :class:`PromptBatch` the embeddings came from), the prompt prefix that every
+        row shares (system prompt and chat header, before any speech) is run once and reused as a
+        KV cache (:meth:`shared_prefix`): the same hidden states, without recomputing the prefix for
+        every row and every step, and without a backward through it (nothing trainable precedes it).
+        """
         base = getattr(self.model, self.model.base_model_prefix)
+        n = self.shared_prefix(batch) if batch is not None and not output_hidden_states else 0
+        if n:
+            return self._hidden_after_prefix(base, inputs_embeds, attention_mask, batch.input_ids[0, :n])
         out = base(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -455,6 +475,86 @@ class FrozenLLM:
             return_dict=True,
         )
         return out if output_hidden_states else out.last_hidden_state
+
+    # -- shared prompt prefix as a KV cache ------------------------------------------------------
+    MIN_PREFIX_TOKENS = 4
+    """A shorter shared prefix is not worth a second forward call."""
+
+    def shared_prefix(self, batch: PromptBatch) -> int:
+        """How many leading tokens every row of ``batch`` shares and may take from the prefix cache (0 = none).
+
+        Only plain text tokens before the first speech slot of every row, in right-padded rows, and
+        only while the LLM is frozen (LoRA or any trainable weight changes the prefix's keys).
+        """
+        if not self.prefix_cache or self.model.config.model_type not in _PREFIX_CACHE_SAFE:
+            return 0
+        ids, mask = batch.input_ids, batch.attention_mask
+        if ids.shape[1] < 2 or not bool(mask[:, 0].all()):  # left padding: positions differ per row
+            return 0
+        same = (ids == ids[:1]).all(0) & mask.bool().all(0) & ~batch.speech_mask.any(0)
+        n = int(same.long().cumprod(0).sum())
+        n = min(n, int(mask.sum(1).min()) - 1)  # leave every row at least one token to run
+        if n < self.MIN_PREFIX_TOKENS or self._llm_trainable():
+            return 0
+        return n
+
+    def shared_prefix_left(self, batch: PromptBatch) -> int:
+        """:meth:`shared_prefix` for left-padded rows (generation): the leading real tokens all rows share."""
+        if not self.prefix_cache or self.model.config.model_type not in _PREFIX_CACHE_SAFE:
+            return 0
+        ids, mask = batch.input_ids, batch.attention_mask.bool()
+        lengths = mask.sum(1)
+        if ids.shape[1] < 2 or int(lengths.min()) < 2 or not bool(mask[:, -1].all()):  # not left-padded
+            return 0
+        width = int(lengths.min()) - 1  # leave every row at least one token to run
+        offsets = ids.shape[1] - lengths
+        cols = offsets[:, None] + torch.arange(width, device=ids.device)[None, :]
+        lead, speech = ids.gather(1, cols), batch.speech_mask.gather(1, cols)
+        same = (lead == lead[:1]).all(0) & ~speech.any(0)
+        n = int(same.long().cumprod(0).sum())
+        if n < self.MIN_PREFIX_TOKENS or self._llm_trainable():
+            return 0
+        return n
+
+    def _llm_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.model.parameters())
+
+    def clear_prefix_cache(self) -> None:
+        """Forget cached prefixes (call after changing the LLM's weights in place)."""
+        self._prefix_store.clear()
+
+    def _prefix_states(self, base: nn.Module, prefix_ids: torch.Tensor):
+        """``(keys/values per layer [1, h, n, d], final hidden [1, n, H])`` of a prefix, computed once."""
+        key = (tuple(prefix_ids.tolist()), prefix_ids.device, self.dtype, id(self.model))
+        hit = self._prefix_store.get(key)
+        if hit is None:
+            from transformers import DynamicCache
+
+            with torch.no_grad():
+                cache = DynamicCache(config=self.model.config)
+                out = base(input_ids=prefix_ids[None], cache=cache, use_cache=True, return_dict=True)
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            hit = (kv, out.last_hidden_state)
+            if len(self._prefix_store) >= 16:  # one entry per system prompt in practice
+                self._prefix_store.pop(next(iter(self._prefix_store)))
+            self._prefix_store[key] = hit
+        return hit
+
+    def _hidden_after_prefix(self, base: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        n, b = prefix_ids.shape[0], inputs_embeds.shape[0]
+        kv, prefix_hidden = self._prefix_states(base, prefix_ids)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+        out = base(
+            inputs_embeds=inputs_embeds[:, n:],
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(attention_mask)[:, n:],
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        return torch.cat([prefix_hidden.expand(b, -1, -1).to(out.last_hidden_state.dtype), out.last_hidden_state], dim=1)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -473,8 +573,12 @@ class FrozenLLM:
         top_p: float = 1.0,
         generator_seed: int | None = None,
         return_ids: bool = False,
+        batch: PromptBatch | None = None,
     ):
         """Generate from left-padded ``inputs_embeds`` (KV-cached). Returns decoded strings (and ids).
+
+        ``batch`` (the :class:`PromptBatch` the embeddings came from) lets greedy decoding take the
+        prompt prefix every row shares from the prefix cache instead of recomputing it.
 
         ``generator_seed`` seeds the sampling only: the global random generator is restored after
         (whether replies were generated or found cached must not change what a run draws later).
@@ -485,19 +589,75 @@ class FrozenLLM:
                 torch.manual_seed(generator_seed)
                 return self.generate_embeds(
                     inputs_embeds, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    temperature=temperature, top_p=top_p, return_ids=return_ids,
+                    temperature=temperature, top_p=top_p, return_ids=return_ids, batch=batch,
                 )
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._end_ids)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
+        if not do_sample and self.fast_greedy:
+            ids = [self._strip(row) for row in self.greedy_ids(inputs_embeds, attention_mask, max_new_tokens=max_new_tokens, batch=batch)]
         else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(
-            inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs
-        )
-        ids = [self._strip(row.tolist()) for row in out]
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._end_ids)
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            out = self.model.generate(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs)
+            ids = [self._strip(row.tolist()) for row in out]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
         return (texts, ids) if return_ids else texts
+
+    @torch.no_grad()
+    def greedy_ids(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int = 64, batch: PromptBatch | None = None) -> list[list[int]]:
+        """Greedy continuation ids of each left-padded row (its stop token included when it stopped).
+
+        The same decoding as ``model.generate(do_sample=False)`` (KV cache, logits at the last
+        position only), except that a row that has stopped leaves the batch: the rest decode
+        at a smaller batch instead of carrying finished rows to the longest reply. With ``batch``,
+        the prefix every row shares comes from the prefix cache: the rows become
+        ``[shared prefix][padding][rest of the prompt]``, whose positions are the original ones.
+        """
+        from transformers import DynamicCache
+
+        b = inputs_embeds.shape[0]
+        out: list[list[int]] = [[] for _ in range(b)]
+        if max_new_tokens <= 0 or b == 0:
+            return out
+        stop = torch.tensor(sorted(self._end_ids), device=inputs_embeds.device)
+        mask = attention_mask.long()
+        n = self.shared_prefix_left(batch) if batch is not None else 0
+        if n:
+            base = getattr(self.model, self.model.base_model_prefix)
+            first = int(mask[0].argmax())
+            kv, _ = self._prefix_states(base, batch.input_ids[0, first : first + n])
+            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+            # Row i's real tokens sit at [o_i, L); after its prefix they are embeds[i, o_i + n:], which
+            # embeds[:, n:] holds right-aligned, with mask[:, :L - n] marking them.
+            mask = torch.cat([mask.new_ones(b, n), mask[:, : mask.shape[1] - n]], dim=1)
+            positions = self.position_ids(mask)
+            logits = self.model(
+                inputs_embeds=inputs_embeds[:, n:].to(self.dtype), attention_mask=mask, position_ids=positions[:, n:], cache=cache, use_cache=True, logits_to_keep=1
+            ).logits[:, -1]
+        else:
+            positions = self.position_ids(mask)
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(
+                inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            ).logits[:, -1]
+        rows = torch.arange(b, device=inputs_embeds.device)  # which original row each batch row is
+        last = positions[:, -1]
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            for r, t in zip(rows.tolist(), nxt.tolist()):
+                out[r].append(t)
+            done = torch.isin(nxt, stop)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                cache.reorder_cache(keep)
+                rows, nxt, mask, last = rows[keep], nxt[keep], mask[keep], last[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            last = last + 1
+            logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], cache=cache, use_cache=True).logits[:, -1]
+        return out
 
     def _strip(self, ids: list[int]) -> list[int]:
         for j, t in enumerate(ids):
@@ -509,7 +669,7 @@ class FrozenLLM:
     def generate_text(self, prompts: Sequence[str], *, system: str | None = None, histories=None, **gen) -> list[str]:
         """Teacher-side generation from text prompts (no speech)."""
         batch = self.encode(prompts, system=system, histories=histories, padding_side="left", require_speech=False).to(self.device)
-        return self.generate_embeds(self.embed(batch), batch.attention_mask, **gen)
+        return self.generate_embeds(self.embed(batch), batch.attention_mask, batch=batch, **gen)
 
     # -- dialogues: several clips per prompt, speech in earlier turns --------------------------
     def encode_dialogues(

@@ -217,7 +217,7 @@ class ParaBridgeModule(AlignmentModule):
             histories=histories, require_speech=speech,
         ).to(self.device)
         embeds = self.llm.embed(enc, soft, soft_lengths) if speech else self.llm.embed(enc)
-        hidden = self.llm.hidden_states(embeds, enc.attention_mask)
+        hidden = self.llm.hidden_states(embeds, enc.attention_mask, batch=enc)
         return self.response_hidden(hidden, enc.labels)
 
     def student_hidden(self, examples, replies, soft, soft_lengths, histories=None):

@@ -163,6 +163,10 @@ class AlignmentModule(L.LightningModule):
             frozen-encoder features for this many full-batch AdamW steps (no LLM: seconds); 0 = off.
         cue_fit_lr, cue_fit_weight_decay: that fit's AdamW settings (chosen by speaker-grouped CV,
             ``bench/hearing_cue_cv.py``).
+        cue_fit_on: which clips that fit sees: ``"examples"`` (clips with at least one kept training
+            example) or ``"clips"`` (every labelled clip of the training manifest).
+        cue_freeze: keep the fitted classifiers fixed during the alignment steps (the LLM's reply loss
+            then trains only the projector; the fit alone decides what the cue says).
     """
 
     def __init__(
@@ -198,6 +202,8 @@ class AlignmentModule(L.LightningModule):
         cue_fit_steps: int = 0,
         cue_fit_lr: float = 1e-2,
         cue_fit_weight_decay: float = 1e-2,
+        cue_fit_on: str = "examples",
+        cue_freeze: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -223,6 +229,8 @@ class AlignmentModule(L.LightningModule):
         )
         if cue_weight < 0 or cue_fit_steps < 0:
             raise ConfigError(f"model.cue_weight={cue_weight} and model.cue_fit_steps={cue_fit_steps} must be >= 0")
+        if cue_fit_on not in ("examples", "clips"):
+            raise ConfigError(f"model.cue_fit_on={cue_fit_on!r}: use 'examples' (clips with a kept example) or 'clips' (every labelled training clip)")
         self.aux = self._build_aux_head(aux_head, aux_weight, summary_tokens)
         if init_adapter:
             from paraencoder.adapter import load_adapter_weights
@@ -268,6 +276,9 @@ class AlignmentModule(L.LightningModule):
         if self.trainer is not None:
             check_output_locations(self.trainer, self.export_target())
             self.fit_cue_if_needed()
+        if self.adapter.cue is not None and self.hparams.get("cue_freeze"):
+            # No gradient, so AdamW leaves them (and their weight decay) alone; a resumed run freezes again here.
+            self.adapter.cue.heads.requires_grad_(False)
 
     def export_target(self) -> str:
         """Where :meth:`on_train_end` writes the adapter."""
@@ -420,7 +431,7 @@ class AlignmentModule(L.LightningModule):
                 histories=histories if any(histories) else None,
                 sources=[f"teacher prompt of utterance {ex.utt_id!r} ({ex.task})" for ex in examples],
             ).to(self.device)
-            hidden = self.llm.hidden_states(self.llm.embed(enc), enc.attention_mask)
+            hidden = self.llm.hidden_states(self.llm.embed(enc), enc.attention_mask, batch=enc)
             h, _ = self.response_hidden(hidden, enc.labels)
         return h
 
@@ -430,7 +441,7 @@ class AlignmentModule(L.LightningModule):
         *soft, cue_logits = self.soft_tokens_with_cue(batch)
         soft = tuple(soft)
         enc, embeds = self.student_batch(batch, replies, soft=soft)
-        hidden = self.llm.hidden_states(embeds, enc.attention_mask)
+        hidden = self.llm.hidden_states(embeds, enc.attention_mask, batch=enc)
         if (self.aux is not None or cue_logits) and batch.get("clip_counts") is not None:
             raise ConfigError(
                 "model.aux_head and model.cue classify one clip per example; they cannot train on dialogue examples "
@@ -459,7 +470,10 @@ class AlignmentModule(L.LightningModule):
         train_set = getattr(datamodule, "train_set", None)
         if train_set is None:
             raise ConfigError("model.cue_fit_steps > 0 needs the training clips: run it with paraencoder.training.AlignmentData (data.train_manifest)")
-        self.fit_cue(train_set.examples)
+        if self.hparams.get("cue_fit_on", "examples") == "clips":
+            self.fit_cue(datamodule.clip_examples())
+        else:
+            self.fit_cue(train_set.examples)
 
     def fit_cue(self, examples: list[AlignmentExample]) -> dict:
         """Fit the verbal cue's classifiers on every distinct clip of ``examples`` (frozen encoder features, no LLM)."""
@@ -738,6 +752,8 @@ class AlignmentData(L.LightningDataModule):
         from paraencoder.data.manifest import load_manifest
 
         utts = self._good_utterances(manifest) if self.hparams.get("bad_items", "fail") != "off" else load_manifest(manifest)
+        if manifest == self.hparams.train_manifest:
+            self.train_utterances = list(utts)
         tasks = get_tasks(self.hparams.tasks)
         banked: list[str] = []
         if self.hparams.questions_per_item > 0:
@@ -762,6 +778,13 @@ class AlignmentData(L.LightningDataModule):
         if banked and self.hparams.filter_teacher:
             examples = filter_teacher_answers(examples, source=manifest)
         return examples
+
+    def clip_examples(self) -> list[AlignmentExample]:
+        """One example per clip of the training manifest (its audio window and labels; no prompt, no reply)."""
+        utts = getattr(self, "train_utterances", None)
+        if utts is None:
+            raise ConfigError("AlignmentData.clip_examples() is available after setup('fit') with data.train_manifest")
+        return [AlignmentExample.of(u, "clip", "", "") for u in utts]
 
     def _qa_examples(self, utts, tasks) -> list[AlignmentExample]:
         """Extra alignment examples for the contextual-QA modes (cached and resumable like teacher replies)."""

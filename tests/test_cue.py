@@ -197,3 +197,39 @@ def test_generate_restores_train_mode_when_it_fails(tiny_llm_dir, tiny_whisper_d
     with pytest.raises(ConfigError, match="prompts for"):
         adapter.generate([torch.zeros(16000).numpy(), torch.zeros(16000).numpy()], ["<speech>\none"] * 3, sample_rate=16000)
     assert adapter.training and adapter.projector.training
+
+
+def test_cue_fit_on_every_clip_and_frozen_through_the_steps(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus, monkeypatch):
+    """cue_fit_on='clips' fits on every labelled clip of the manifest (not only those with a kept example);
+    cue_freeze keeps the fitted classifiers bit-identical through the alignment steps while the projector trains."""
+    # Keep only half of the examples, as the teacher filter may: the fit must still see every clip.
+    monkeypatch.setattr("paraencoder.training.filter_teacher_answers", lambda examples, source="": examples[::2])
+    L.seed_everything(0)
+    module = AlignmentModule(
+        llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), layer="mix", mix_layers=[1, 2], stack=2, projector_dim=32, lr=1e-2,
+        warmup_steps=0, cue=CUE, cue_fit_steps=30, cue_fit_on="clips", cue_freeze=True, encoder_states=str(tmp_path / "states"), export_dir=str(tmp_path / "ad"),
+    )
+    data = AlignmentData(
+        train_manifest=str(toy_corpus / "manifest.jsonl"), tasks=["emotion"], llm=str(tiny_llm_dir), batch_size=4,
+        teacher_cache=str(tmp_path / "teacher"), teacher_max_new_tokens=4, bucket=False, questions_per_item=1,
+    )
+    seen, after_fit = {}, {}
+    original = module.fit_cue
+
+    def spy(examples):
+        seen["clips"] = {(ex.audio, ex.offset, ex.duration) for ex in examples}
+        result = original(examples)
+        after_fit.update({k: v.clone() for k, v in module.adapter.cue.heads.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(module, "fit_cue", spy)
+    projector_before = {k: v.clone() for k, v in module.adapter.projector.state_dict().items()}
+    L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(module, data)
+    utts = load_manifest(toy_corpus / "manifest.jsonl")
+    assert seen["clips"] == {(u.audio, u.offset or 0.0, u.duration) for u in utts}
+    assert len(seen["clips"]) > len({ex.audio for ex in data.train_set.examples})
+    for k, v in module.adapter.cue.heads.state_dict().items():
+        assert torch.equal(v, after_fit[k]), k
+    assert any(not torch.equal(v, projector_before[k]) for k, v in module.adapter.projector.state_dict().items())
+    with pytest.raises(ConfigError, match="cue_fit_on"):
+        AlignmentModule(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), cue=CUE, cue_fit_on="all")

@@ -339,7 +339,9 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def test_chunked_jsd_memory_far_below_full_logits_at_128k_vocab():
+def test_chunked_jsd_memory_far_below_full_logits_at_128k_vocab(monkeypatch):
+    # The checkpointed regime (what N x V above chunked.SMALL_LOGITS gets), at a size a test can afford.
+    monkeypatch.setattr("paraencoder.objectives.chunked.SMALL_LOGITS", 0)
     n, h, v, chunk = 32, 64, 128256, 4
     g = torch.Generator().manual_seed(14)
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -360,7 +362,8 @@ def test_chunked_jsd_memory_far_below_full_logits_at_128k_vocab():
 
 
 @pytest.mark.parametrize("which", ["ce", "kl", "topk"])
-def test_ce_and_kl_never_create_full_logits(which):
+def test_ce_and_kl_never_create_full_logits(which, monkeypatch):
+    monkeypatch.setattr("paraencoder.objectives.chunked.SMALL_LOGITS", 0)  # the checkpointed regime
     n, h, v, chunk = 64, 8, 4000, 8
     g = torch.Generator().manual_seed(15)
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -416,3 +419,24 @@ def test_objective_mix_sums_weighted_parts_and_skips_zero_weights():
     assert total.item() == 1.0 and set(parts) == {"aux"}
     with pytest.raises(ConfigError, match=">= 0"):
         ObjectiveMix(ce_weight=-1.0)
+
+
+def test_small_logits_are_kept_instead_of_recomputed_same_numbers(monkeypatch):
+    """Below SMALL_LOGITS the chunk is not checkpointed: the same loss and gradients as the checkpointed path."""
+    from paraencoder.objectives import chunked
+    from paraencoder.objectives.ce import ResponseCE
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(101, 16, dtype=torch.float64)
+    targets = torch.randint(0, 101, (37,))
+    results = []
+    for small in (0, chunked.SMALL_LOGITS):
+        monkeypatch.setattr(chunked, "SMALL_LOGITS", small)
+        loss = ResponseCE(chunk_size=16)(hidden, weight, targets)
+        (grad,) = torch.autograd.grad(loss, hidden)
+        results.append((loss.detach(), grad))
+    reference = torch.nn.functional.cross_entropy(hidden.detach() @ weight.T, targets)
+    for loss, grad in results:
+        torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(results[0][1], results[1][1])

@@ -57,6 +57,7 @@ SUITES = ("emotion", "age", "gender", "empathy", "content", "safety", "qa")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
     from paraencoder.threads import add_threads_argument
 
     parser = argparse.ArgumentParser(prog="paraencoder eval", description="Evaluation suites with transcript-only and stated-cue baselines.")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-set", default=None, help="classification label set, e.g. emotion4 for cross-corpus 4-class")
     parser.add_argument("--limit", type=int, default=None, help="at most N utterances per suite (a seeded random sample)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help="clips per batched generation")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-baselines", action="store_true", help="skip the transcript-only and stated-cue views")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -9,10 +9,14 @@ the held-out yes/no phrasings side by side, each with its no-label rate.
 
 from __future__ import annotations
 
+EVAL_BATCH_SIZE = 32
+"""Clips per batched generation in every evaluation (measured: bench/results/eval_throughput_batch_sizes.json,
+batch 32 beat 8, 16 and 64 on the 2-core CPU)."""
+
 __all__ = ["ask_bank"]
 
 
-def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = 16, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False, stated: bool = False) -> dict:
+def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = EVAL_BATCH_SIZE, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False, stated: bool = False) -> dict:
     """Ask each clip one question of ``QUESTION_BANK[attribute][split]`` (rotating phrasings); parsed accuracy.
 
     ``split="trained"`` asks the original fixed phrasing only. Returns ``{"accuracy", "no_label", "n",

@@ -142,7 +142,7 @@ def reply_loglik(
         histories=histories, require_speech=speech,
     ).to(llm.device)
     embeds = llm.embed(enc, soft, soft_lengths) if speech else llm.embed(enc)
-    hidden = llm.hidden_states(embeds, enc.attention_mask)
+    hidden = llm.hidden_states(embeds, enc.attention_mask, batch=enc)
     head = llm.lm_head
     out = []
     for i in range(hidden.shape[0]):

@@ -19,6 +19,8 @@ with ``out_dir``, writes ``<suite>.json``, ``<suite>.md`` and ``<suite>.png``.
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import time
 from collections import Counter
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from paraencoder.errors import ConfigError, ParaencoderError
+from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
 from paraencoder.llm import SPEECH
 from paraencoder.prompts import TASKS
 
@@ -685,7 +688,7 @@ def run_suite(
     adapter,
     utterances: Sequence,
     out_dir: str | Path | None = None,
-    batch_size: int = 8,
+    batch_size: int = EVAL_BATCH_SIZE,
     max_new_tokens: int = 32,
     baselines: bool = True,
     progress: bool = True,
@@ -721,10 +724,12 @@ def run_suite(
         raise ConfigError(f"suite {name!r}: no utterances given")
     started = time.perf_counter()
     kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, baselines=baselines, progress=progress, judge=judge, system=system)
-    if name in _CLASSIFY:
-        result = _classification(name, adapter, utts, label_set=label_set, **kwargs)
-    else:
-        result = _RUNNERS[name](adapter, utts, **kwargs)
+    reuse = getattr(adapter, "reusing_speech_tokens", contextlib.nullcontext)
+    with reuse():  # each clip is encoded once, however many questions it is asked
+        if name in _CLASSIFY:
+            result = _classification(name, adapter, utts, label_set=label_set, **kwargs)
+        else:
+            result = _RUNNERS[name](adapter, utts, **kwargs)
     config = getattr(adapter, "config", {}) or {}
     result = {
         "suite": name,

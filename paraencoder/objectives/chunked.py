@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from paraencoder.errors import ConfigError
 
 REDUCTIONS = ("mean", "sum")
+SMALL_LOGITS = 2**25
+"""Up to this many logits (128 MiB in float32) per call are kept for the backward instead of recomputed."""
 
 
 def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,7 +56,8 @@ def chunked_token_loss(
     entries are passed through as ``None``). Tensors that ``fn`` needs whole (a teacher head,
     a temperature) belong in its closure. When a gradient is needed each chunk is
     checkpointed, so the peak extra memory of forward + backward is about one chunk's logits
-    and their gradient, independent of N.
+    and their gradient, independent of N (below :data:`SMALL_LOGITS` logits in all nothing is
+    checkpointed: the recompute would cost more than the memory it saves).
     """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size}: must be >= 1 (rows of logits computed at once)")
@@ -74,7 +77,9 @@ def chunked_token_loss(
     if n == 0:
         # Keep the result attached to the graph so backward() on an empty batch is harmless.
         return hidden.sum(dim=1).float() * 0.0
-    use_checkpoint = _needs_grad(hidden, weight, bias)
+    # Checkpointing trades a second LM-head matmul in the backward for memory; logits that fit in
+    # SMALL_LOGITS elements (one chunk, e.g. 264 reply tokens x 49k vocabulary) are cheaper kept.
+    use_checkpoint = _needs_grad(hidden, weight, bias) and n * weight.shape[0] > SMALL_LOGITS
     out = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
