@@ -525,7 +525,11 @@ class FrozenLLM:
 
     def _prefix_states(self, base: nn.Module, prefix_ids: torch.Tensor):
         """``(keys/values per layer [1, h, n, d], final hidden [1, n, H])`` of a prefix, computed once."""
-        key = (tuple(prefix_ids.tolist()), prefix_ids.device, self.dtype, id(self.model))
+        # The weights' identity is part of the key: LoRA injected in place adds parameters, a merge or
+        # load_state_dict bumps their version counters; either makes a cached prefix stale.
+        params = list(self.model.parameters())
+        version = (id(self.model), len(params), sum(p._version for p in params))
+        key = (tuple(prefix_ids.tolist()), prefix_ids.device, self.dtype, version)
         hit = self._prefix_store.get(key)
         if hit is None:
             from transformers import DynamicCache

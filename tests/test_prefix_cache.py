@@ -114,3 +114,23 @@ def test_training_loss_unchanged_by_prefix_cache(tiny_llm_dir, tiny_whisper_dir)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-3)
+
+
+def test_a_weight_change_in_place_invalidates_the_cached_prefix(tiny_llm_dir):
+    """A merge or load_state_dict into the same model object must not serve the old prefix."""
+    import copy
+
+    from paraencoder.llm import FrozenLLM
+
+    base = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = FrozenLLM(copy.deepcopy(base.model), base.tokenizer, dict(base.identity), system_prompt="You are a helpful assistant.")
+    enc, soft, lengths = _batch(llm)
+    llm.hidden_states(llm.embed(enc, soft, lengths), enc.attention_mask, batch=enc)
+    with torch.no_grad():
+        for p in llm.model.parameters():
+            p.mul_(1.5)  # in place: same tensors, new values
+    got = llm.hidden_states(llm.embed(enc, soft, lengths), enc.attention_mask, batch=enc)
+    ref = _reference(llm, llm.embed(enc, soft, lengths), enc.attention_mask)
+    real = enc.attention_mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-4)
+    assert len(llm._prefix_store) == 2
