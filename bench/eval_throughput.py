@@ -8,7 +8,7 @@ adding one change to the one above:
     today                      transformers' model.generate (greedy), eval batch 8
     + greedy decoding loop     FrozenLLM.greedy_ids: finished rows leave the batch
     + eval batch 32            the eval suites' new default (16 and 64: eval_throughput_batch_sizes.json)
-    + shared prefix            system prompt + chat header from the prefix cache (FrozenLLM.shared_prefix_left)
+    + shared prefix            system prompt + chat header from the prefix cache (FrozenLLM.shared_prefix, padding_side="left")
     + speech tokens reused     each clip encoded once for all its questions (SpeechAdapter.reusing_speech_tokens)
     model.generate, batch 32   the batch change alone
     teacher: model.generate at batch 64 (recipes/hearing.yaml), + greedy loop, + prefix, + batch 256

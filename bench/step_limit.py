@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import multiprocessing as mp
 import sys
 import tempfile
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         peak32 = max(r["float32"] for r in peaks)
         peak16 = max(r["bfloat16"] for r in peaks)
 
-        start_state = copy.deepcopy({k: v.detach().clone() for k, v in module.adapter.state_dict().items()})
+        start_state = {k: v.detach().clone() for k, v in module.adapter.state_dict().items()}
 
         from paraencoder.objectives import chunked
 

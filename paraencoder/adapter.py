@@ -286,10 +286,7 @@ class SpeechAdapter(nn.Module):
             for j, i in enumerate(todo):
                 memo[keys[i]] = soft[j, : int(soft_lengths[j])]
         rows = [memo[k] for k in keys]
-        out = rows[0].new_zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[1])
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r
-        return out, torch.tensor([r.shape[0] for r in rows], device=waves.device)
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True), torch.tensor([r.shape[0] for r in rows], device=waves.device)
 
     def _load_batch(self, audio: AudioInput | Sequence[AudioInput], sample_rate: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         single = isinstance(audio, (str, os.PathLike)) or (isinstance(audio, (np.ndarray, torch.Tensor)) and audio.ndim == 1)

@@ -465,7 +465,7 @@ class FrozenLLM:
         base = getattr(self.model, self.model.base_model_prefix)
         n = self.shared_prefix(batch) if batch is not None and not output_hidden_states else 0
         if n:
-            return self._hidden_after_prefix(base, inputs_embeds, attention_mask, batch.input_ids[0, :n])
+            return self._hidden_after_prefix(base, inputs_embeds, attention_mask, batch, n)
         out = base(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -480,41 +480,33 @@ class FrozenLLM:
     MIN_PREFIX_TOKENS = 4
     """A shorter shared prefix is not worth a second forward call."""
 
-    def shared_prefix(self, batch: PromptBatch) -> int:
-        """How many leading tokens every row of ``batch`` shares and may take from the prefix cache (0 = none).
+    def shared_prefix(self, batch: PromptBatch, padding_side: str = "right") -> int:
+        """How many leading real tokens every row of ``batch`` shares and may take from the prefix cache (0 = none).
 
-        Only plain text tokens before the first speech slot of every row, in right-padded rows, and
-        only while the LLM is frozen (LoRA or any trainable weight changes the prefix's keys).
+        Only plain text tokens before the first speech slot of every row, only in rows padded on
+        ``padding_side`` (the layout the caller reassembles), and only while the LLM is frozen (LoRA
+        or any trainable weight changes the prefix's keys).
         """
-        if not self.prefix_cache or self.model.config.model_type not in _PREFIX_CACHE_SAFE:
-            return 0
-        ids, mask = batch.input_ids, batch.attention_mask
-        if ids.shape[1] < 2 or not bool(mask[:, 0].all()):  # left padding: positions differ per row
-            return 0
-        same = (ids == ids[:1]).all(0) & mask.bool().all(0) & ~batch.speech_mask.any(0)
-        n = int(same.long().cumprod(0).sum())
-        n = min(n, int(mask.sum(1).min()) - 1)  # leave every row at least one token to run
-        if n < self.MIN_PREFIX_TOKENS or self._llm_trainable():
-            return 0
-        return n
-
-    def shared_prefix_left(self, batch: PromptBatch) -> int:
-        """:meth:`shared_prefix` for left-padded rows (generation): the leading real tokens all rows share."""
         if not self.prefix_cache or self.model.config.model_type not in _PREFIX_CACHE_SAFE:
             return 0
         ids, mask = batch.input_ids, batch.attention_mask.bool()
         lengths = mask.sum(1)
-        if ids.shape[1] < 2 or int(lengths.min()) < 2 or not bool(mask[:, -1].all()):  # not left-padded
+        edge = mask[:, 0] if padding_side == "right" else mask[:, -1]  # every row's real tokens touch this edge
+        if ids.shape[1] < 2 or int(lengths.min()) < 2 or not bool(edge.all()):
             return 0
         width = int(lengths.min()) - 1  # leave every row at least one token to run
-        offsets = ids.shape[1] - lengths
-        cols = offsets[:, None] + torch.arange(width, device=ids.device)[None, :]
+        cols = self._first_real(mask)[:, None] + torch.arange(width, device=ids.device)[None, :]
         lead, speech = ids.gather(1, cols), batch.speech_mask.gather(1, cols)
         same = (lead == lead[:1]).all(0) & ~speech.any(0)
         n = int(same.long().cumprod(0).sum())
         if n < self.MIN_PREFIX_TOKENS or self._llm_trainable():
             return 0
         return n
+
+    @staticmethod
+    def _first_real(mask: torch.Tensor) -> torch.Tensor:
+        """Index of each row's first real token (0 in right-padded rows)."""
+        return mask.long().argmax(1)
 
     def _llm_trainable(self) -> bool:
         return any(p.requires_grad for p in self.model.parameters())
@@ -523,8 +515,12 @@ class FrozenLLM:
         """Forget cached prefixes (call after changing the LLM's weights in place)."""
         self._prefix_store.clear()
 
-    def _prefix_states(self, base: nn.Module, prefix_ids: torch.Tensor):
-        """``(keys/values per layer [1, h, n, d], final hidden [1, n, H])`` of a prefix, computed once."""
+    def _prefix_cache(self, base: nn.Module, batch: PromptBatch, n: int):
+        """``(DynamicCache holding the first n real tokens for every row, their final hidden [1, n, H])``, computed once."""
+        from transformers import DynamicCache
+
+        first = int(self._first_real(batch.attention_mask)[0])
+        prefix_ids = batch.input_ids[0, first : first + n]
         # The weights' identity is part of the key: LoRA injected in place adds parameters, a merge or
         # load_state_dict bumps their version counters; either makes a cached prefix stale.
         params = list(self.model.parameters())
@@ -532,24 +528,18 @@ class FrozenLLM:
         key = (tuple(prefix_ids.tolist()), prefix_ids.device, self.dtype, version)
         hit = self._prefix_store.get(key)
         if hit is None:
-            from transformers import DynamicCache
-
             with torch.no_grad():
-                cache = DynamicCache(config=self.model.config)
-                out = base(input_ids=prefix_ids[None], cache=cache, use_cache=True, return_dict=True)
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-            hit = (kv, out.last_hidden_state)
+                out = base(input_ids=prefix_ids[None], cache=DynamicCache(config=self.model.config), use_cache=True, return_dict=True)
+            hit = ([(layer.keys, layer.values) for layer in out.cache.layers], out.last_hidden_state)
             if len(self._prefix_store) >= 16:  # one entry per system prompt in practice
                 self._prefix_store.pop(next(iter(self._prefix_store)))
             self._prefix_store[key] = hit
-        return hit
+        kv, hidden = hit
+        b = batch.input_ids.shape[0]
+        return DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv]), hidden
 
-    def _hidden_after_prefix(self, base: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        n, b = prefix_ids.shape[0], inputs_embeds.shape[0]
-        kv, prefix_hidden = self._prefix_states(base, prefix_ids)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+    def _hidden_after_prefix(self, base: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, batch: PromptBatch, n: int) -> torch.Tensor:
+        cache, prefix_hidden = self._prefix_cache(base, batch, n)
         out = base(
             inputs_embeds=inputs_embeds[:, n:],
             attention_mask=attention_mask,
@@ -558,6 +548,7 @@ class FrozenLLM:
             use_cache=True,
             return_dict=True,
         )
+        b = inputs_embeds.shape[0]
         return torch.cat([prefix_hidden.expand(b, -1, -1).to(out.last_hidden_state.dtype), out.last_hidden_state], dim=1)
 
     @property
@@ -626,25 +617,19 @@ class FrozenLLM:
             return out
         stop = torch.tensor(sorted(self._end_ids), device=inputs_embeds.device)
         mask = attention_mask.long()
-        n = self.shared_prefix_left(batch) if batch is not None else 0
+        n = self.shared_prefix(batch, padding_side="left") if batch is not None else 0
         if n:
-            base = getattr(self.model, self.model.base_model_prefix)
-            first = int(mask[0].argmax())
-            kv, _ = self._prefix_states(base, batch.input_ids[0, first : first + n])
-            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+            cache, _ = self._prefix_cache(getattr(self.model, self.model.base_model_prefix), batch, n)
             # Row i's real tokens sit at [o_i, L); after its prefix they are embeds[i, o_i + n:], which
             # embeds[:, n:] holds right-aligned, with mask[:, :L - n] marking them.
             mask = torch.cat([mask.new_ones(b, n), mask[:, : mask.shape[1] - n]], dim=1)
-            positions = self.position_ids(mask)
-            logits = self.model(
-                inputs_embeds=inputs_embeds[:, n:].to(self.dtype), attention_mask=mask, position_ids=positions[:, n:], cache=cache, use_cache=True, logits_to_keep=1
-            ).logits[:, -1]
+            prompt = inputs_embeds[:, n:]
         else:
-            positions = self.position_ids(mask)
-            cache = DynamicCache(config=self.model.config)
-            logits = self.model(
-                inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-            ).logits[:, -1]
+            cache, prompt = DynamicCache(config=self.model.config), inputs_embeds
+        positions = self.position_ids(mask)[:, -prompt.shape[1] :]
+        logits = self.model(
+            inputs_embeds=prompt.to(self.dtype), attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
         rows = torch.arange(b, device=inputs_embeds.device)  # which original row each batch row is
         last = positions[:, -1]
         for step in range(max_new_tokens):

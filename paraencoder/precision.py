@@ -51,19 +51,21 @@ def cpu_bf16_speedup(threads: int | None = None) -> float:
     return matmul_tflops(torch.bfloat16, PROBE_SHAPE, seconds=0.05) / matmul_tflops(torch.float32, PROBE_SHAPE, seconds=0.05)
 
 
+def _target(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """The format a frozen backbone should run in here: bf16 on a CUDA GPU that has it, on a CPU only if measured faster."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+    if _target(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_bf16_speedup(torch.get_num_threads()) >= BF16_MIN_SPEEDUP else torch.float32
 
 
 def describe(device: str | torch.device | None = None) -> dict:
     """What :func:`auto_dtype` saw and chose (for logs and bench JSON)."""
-    chosen = auto_dtype(device)
-    out = {"chosen": str(chosen).replace("torch.", ""), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    if chosen != torch.bfloat16 or torch.device(device or "cpu").type == "cpu":
+    out = {"chosen": str(auto_dtype(device)).replace("torch.", ""), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if _target(device).type == "cpu":
         out["cpu_bf16_speedup"] = cpu_bf16_speedup(torch.get_num_threads())
     return out
 

@@ -745,6 +745,7 @@ class AlignmentData(L.LightningDataModule):
             raise ConfigError(f"data.bad_items={bad_items!r}; choose fail (stop on the first bad item), skip (train without them, listed in a report) or off")
         self.save_hyperparameters()
         self.train_set: AlignmentDataset | None = None
+        self.train_utterances: list | None = None  # the training manifest's clips, kept by setup() for clip_examples()
         self.val_set: AlignmentDataset | None = None
 
     def _examples(self, manifest: str) -> list[AlignmentExample]:
@@ -781,7 +782,7 @@ class AlignmentData(L.LightningDataModule):
 
     def clip_examples(self) -> list[AlignmentExample]:
         """One example per clip of the training manifest (its audio window and labels; no prompt, no reply)."""
-        utts = getattr(self, "train_utterances", None)
+        utts = self.train_utterances
         if utts is None:
             raise ConfigError("AlignmentData.clip_examples() is available after setup('fit') with data.train_manifest")
         return [AlignmentExample.of(u, "clip", "", "") for u in utts]

@@ -61,7 +61,7 @@ def test_greedy_with_the_shared_prefix_cached_matches(kind, request):
     n_soft = (3, 6, 1, 4)
     prompts = [f"{SPEECH}\nHow does the speaker feel?", f"Listen {SPEECH} and answer in one word.", f"{SPEECH}", f"Who is speaking here? {SPEECH}"]
     enc = llm.encode(prompts, num_speech_tokens=list(n_soft), padding_side="left", system="You are a helpful assistant.")
-    assert llm.shared_prefix_left(enc) >= llm.MIN_PREFIX_TOKENS
+    assert llm.shared_prefix(enc, padding_side="left") >= llm.MIN_PREFIX_TOKENS
     for seed in range(3):
         torch.manual_seed(seed)
         embeds = llm.embed(enc, torch.randn(4, 6, llm.hidden_size) * 2.0, torch.tensor(n_soft))
@@ -73,7 +73,7 @@ def test_greedy_with_the_shared_prefix_cached_matches(kind, request):
     texts = ["Say hello.", "What is two plus two? Answer briefly please."]
     tb = llm.encode(texts, padding_side="left", require_speech=False)
     assert llm.greedy_ids(llm.embed(tb), tb.attention_mask, max_new_tokens=12, batch=tb) == llm.greedy_ids(llm.embed(tb), tb.attention_mask, max_new_tokens=12)
-    assert llm.shared_prefix_left(llm.encode(texts, padding_side="right", require_speech=False)) == 0
+    assert llm.shared_prefix(llm.encode(texts, padding_side="right", require_speech=False), padding_side="left") == 0
 
 
 def test_reusing_speech_tokens_encodes_each_clip_once_with_the_same_replies(tiny_llm_dir, tiny_whisper_dir):

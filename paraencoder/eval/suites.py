@@ -20,7 +20,6 @@ with ``out_dir``, writes ``<suite>.json``, ``<suite>.md`` and ``<suite>.png``.
 from __future__ import annotations
 
 import contextlib
-
 import re
 import time
 from collections import Counter
