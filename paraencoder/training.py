@@ -687,9 +687,10 @@ class AlignmentData(L.LightningDataModule):
             (categorical + dimensional metadata rendered into the teacher prompt), ``"implicit"``
             (generated QA pairs that need words and voice) or ``"both"``.
         qa_generator: who writes implicit QA pairs: ``"templates"`` (deterministic contextual
-            questions, :class:`paraencoder.data.qa.TemplateQAWriter`; the default), ``"local"`` (the
-            frozen LLM: needs an instruction-following model, SmolLM2-135M writes no valid pair) or
-            an OpenAI-compatible URL (``qa_generator_model`` names the model).
+            questions, :class:`paraencoder.data.qa.TemplateQAWriter`; the default), ``"local"`` (an
+            in-process LLM: ``qa_generator_model`` names it, e.g. the packaged judge
+            ``qwen2.5-coder-1.5b-instruct``; without one the frozen LLM writes, and SmolLM2-135M
+            writes no valid pair) or an OpenAI-compatible URL (``qa_generator_model`` names the model).
         qa_pairs: QA pairs per utterance (implicit mode).
         questions_per_item: with ``> 0``, the speaker-attribute tasks (``emotion``, ``age``,
             ``gender``) ask that many phrasings per clip drawn from the training question bank
@@ -801,7 +802,10 @@ class AlignmentData(L.LightningDataModule):
             from paraencoder import backbones
             from paraencoder.data.qa import generate_qa, make_qa_generator, qa_examples
 
-            llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype) if self.hparams.qa_generator == "local" else None
+            # "local" with no model named writes with the frozen LLM being trained; a named model
+            # (the packaged judge) is loaded by make_qa_generator itself.
+            local_self = self.hparams.qa_generator == "local" and not self.hparams.qa_generator_model
+            llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype) if local_self else None
             generator = make_qa_generator(self.hparams.qa_generator, self.hparams.qa_generator_model, llm=llm)
             cache_dir = Path(self.hparams.teacher_cache or default_cache_dir() / "teacher").parent / "qa"
             with_emotion = [u for u in utts if u.transcript and u.emotion]

@@ -87,6 +87,67 @@ def make_llm_dir(root: Path, kind: str = "llama", hidden: int = 64, layers: int 
     return path
 
 
+def make_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny random Llama GGUF (float32 tensors, byte-level BPE vocabulary, ChatML template).
+
+    Written with the ``gguf`` package that transformers itself reads GGUF with, so the test exercises
+    transformers' real GGUF path (tensor renaming, q/k un-permutation, tokenizer conversion).
+    """
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    # GPT-2's byte-to-unicode alphabet: every byte is one token, plus one merge and two specials.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    tokens = [chr(c) for c in codes] + ["he", "<|im_start|>", "<|im_end|>"]
+    vocab, hidden, layers, ffn, heads, kv_heads = len(tokens), 32, 2, 64, 4, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (vocab - 2) + [3, 3])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_merges(["h e"])
+    writer.add_bos_token_id(vocab - 2)
+    writer.add_eos_token_id(vocab - 1)
+    writer.add_chat_template(CHATML)
+
+    def tensor(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, hidden)
+    kv = hidden // heads * kv_heads
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", hidden)
+        tensor(f"blk.{i}.ffn_norm.weight", hidden)
+        tensor(f"blk.{i}.attn_q.weight", hidden, hidden)
+        tensor(f"blk.{i}.attn_k.weight", kv, hidden)
+        tensor(f"blk.{i}.attn_v.weight", kv, hidden)
+        tensor(f"blk.{i}.attn_output.weight", hidden, hidden)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    tensor("output_norm.weight", hidden)
+    tensor("output.weight", vocab, hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def make_whisper_dir(root: Path, seed: int = 0) -> Path:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 

@@ -222,3 +222,91 @@ def test_conversion_cache_keyed_by_content_shared_across_venvs(tmp_path, tiny_wh
     third = load_whisper(copies[1])
     assert third.path == first.path and not legacy.exists()
     assert (third.path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# -- split GGUF packages (the packaged judge's format) --------------------------------------
+
+
+def _split_gguf_package(tmp_path, monkeypatch, n_parts: int = 3):
+    """A tiny GGUF split over ``n_parts`` fake weight packages on sys.path, registered as a packaged spec."""
+    import importlib
+
+    from conftest import make_gguf
+
+    (tmp_path / "whole").mkdir()
+    whole = make_gguf(tmp_path / "whole" / "tiny.gguf")
+    blob = whole.read_bytes()
+    site = tmp_path / "site"
+    cuts = [len(blob) * i // n_parts for i in range(n_parts + 1)]
+    files = []
+    for i in range(n_parts):
+        data = site / f"tinyjudge_part{i + 1}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("")
+        (data / f"part{i + 1:02d}.bin").write_bytes(blob[cuts[i] : cuts[i + 1]])
+        files.append((f"tinyjudge_part{i + 1}", f"tinyjudge-part{i + 1}==1.0", f"data/part{i + 1:02d}.bin"))
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    entry = backbones._Packaged(
+        "llm", "gguf", "tiny split judge", tuple(files), ("tinyjudge_part1", "data"),
+        sha256=hashlib.sha256(blob).hexdigest(), store_dtype="bfloat16", install="make judge",
+    )
+    monkeypatch.setitem(backbones._PACKAGED, "tiny-split-judge", entry)
+    return whole, site
+
+
+def test_split_gguf_assembled_verified_and_cached_in_store_dtype(tmp_path, monkeypatch, private_cache):
+    from safetensors import safe_open
+
+    whole, _ = _split_gguf_package(tmp_path, monkeypatch)
+    spec = packaged_specs()["tiny-split-judge"]
+    assert spec["installed"] and spec["install"] == "make judge" and spec["sha256"] == _sha256(whole)
+    loaded = load_causal_lm("tiny-split-judge")
+    # The parts' identity is the sha256 of the GGUF they were cut from (bytes in order).
+    assert loaded.identity["weights_sha256"] == _sha256(whole)
+    converted = loaded.path
+    assert converted.name.startswith("tiny-split-judge-") and not list(converted.glob("*.gguf"))  # assembly removed
+    with safe_open(str(next(converted.glob("*.safetensors"))), "pt") as handle:
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
+    # Same weights as the unsplit file, up to the bf16 store; the asked dtype is float32.
+    reference = load_causal_lm(str(whole)).model.state_dict()
+    for name, value in loaded.model.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, reference[name].to(torch.bfloat16).float()), name
+    marker = (converted / backbones.SOURCE_MARKER).stat().st_mtime_ns
+    clear_memo()
+    again = load_causal_lm("tiny-split-judge")
+    assert again.path == converted and (converted / backbones.SOURCE_MARKER).stat().st_mtime_ns == marker  # not rebuilt
+
+
+def test_split_gguf_hash_mismatch_is_named_before_anything_is_built(tmp_path, monkeypatch, private_cache):
+    _, site = _split_gguf_package(tmp_path, monkeypatch)
+    part = site / "tinyjudge_part2" / "data" / "part02.bin"
+    blob = bytearray(part.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    part.write_bytes(bytes(blob))
+    with pytest.raises(BackboneError) as info:
+        load_causal_lm("tiny-split-judge")
+    message = str(info.value)
+    assert "tiny-split-judge" in message and "pins" in message and "part01.bin" in message and "part03.bin" in message
+    assert "--force-reinstall" in message and "tinyjudge-part2==1.0" in message
+    assert not [p for p in private_cache.iterdir() if p.name.startswith("tiny-split-judge")]
+
+
+def test_split_gguf_missing_part_names_the_package_and_the_install(tmp_path, monkeypatch, private_cache):
+    _, site = _split_gguf_package(tmp_path, monkeypatch)
+    (site / "tinyjudge_part3" / "data" / "part03.bin").unlink()
+    assert not packaged_specs()["tiny-split-judge"]["installed"]  # the package is there, its file is not
+    with pytest.raises(BackboneError, match=r"tinyjudge-part3==1\.0.*make judge"):
+        load_causal_lm("tiny-split-judge")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_packaged_judge_spec_is_pinned(private_cache):
+    spec = packaged_specs()["qwen2.5-coder-1.5b-instruct"]
+    assert spec["kind"] == "llm" and spec["install"] == "make judge" and len(spec["packages"]) == 22
+    if not spec["installed"]:
+        pytest.skip("the judge packages are not installed (make judge)")
+    parts, _ = backbones._packaged_files("qwen2.5-coder-1.5b-instruct")
+    assert weights_sha256(parts) == spec["sha256"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from paraencoder.eval.labels import extract_age_group, extract_emotion, extract_gender, extract_sentiment, map_label
-from paraencoder.eval.metrics import classification_report, pearson, rankdata, spearman, wer, word_errors
+from paraencoder.eval.metrics import binary_agreement, classification_report, correlation_ci, pearson, rankdata, spearman, wer, word_errors
 from paraencoder.eval.suites import classify_safety, transcript_prompt
 
 EMOTION_CASES = [
@@ -109,6 +109,51 @@ def test_wer_and_correlations():
     d = np.array(rankdata(a)) - np.array(rankdata(b))
     assert spearman(a, b) == pytest.approx(1 - 6 * (d**2).sum() / (5 * 24))
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_correlation_ci_against_scipy_and_the_closed_forms():
+    from scipy import stats
+
+    scores = [5, 4, 2, 5, 1, 3, 4, 1, 2, 5, 3, 1]
+    correct = [1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 1, 0]
+    got = correlation_ci(scores, correct, "pearson", n_resamples=500)
+    reference = stats.pearsonr(scores, correct)
+    assert got["n"] == 12 and got["r"] == pytest.approx(reference.statistic)
+    assert got["fisher_ci"] == pytest.approx(list(reference.confidence_interval(0.95)), abs=1e-9)
+    # Spearman: Fisher z with Bonett & Wright's standard error, written out by hand.
+    rho = stats.spearmanr(scores, correct).statistic
+    se = math.sqrt((1 + rho**2 / 2) / (12 - 3))
+    got = correlation_ci(scores, correct, "spearman", n_resamples=500)
+    assert got["r"] == pytest.approx(rho)
+    assert got["fisher_ci"] == pytest.approx([math.tanh(math.atanh(rho) - 1.959964 * se), math.tanh(math.atanh(rho) + 1.959964 * se)], abs=1e-5)
+    lo, hi = got["bootstrap_ci"]
+    assert lo < rho < hi <= 1.0
+    # The bootstrap agrees with the Fisher interval on a large bivariate normal sample.
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(400)
+    b = 0.5 * a + rng.standard_normal(400)
+    big = correlation_ci(a, b, "pearson", n_resamples=1000)
+    assert big["bootstrap_ci"] == pytest.approx(big["fisher_ci"], abs=0.03)
+    assert correlation_ci(a[:40], b[:40])["fisher_ci"][1] - correlation_ci(a[:40], b[:40])["fisher_ci"][0] > big["fisher_ci"][1] - big["fisher_ci"][0]
+    # Undefined: too few items, or a constant side.
+    assert math.isnan(correlation_ci([1, 2, 3], [0, 1, 1])["fisher_ci"][0])
+    assert math.isnan(correlation_ci([3, 3, 3, 3, 3], [0, 1, 0, 1, 1])["r"])
+    with pytest.raises(ValueError, match="method"):
+        correlation_ci(scores, correct, "kendall")
+
+
+def test_binary_agreement_against_a_hand_table_and_sklearn():
+    from sklearn.metrics import cohen_kappa_score
+
+    # 10 items: both yes 4, both no 3, first only 2, second only 1.
+    first = [1, 1, 1, 1, 0, 0, 0, 1, 1, 0]
+    second = [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]
+    got = binary_agreement(first, second)
+    assert (got["both_yes"], got["both_no"], got["first_only"], got["second_only"]) == (4, 3, 2, 1)
+    p_o, p_e = 0.7, 0.6 * 0.5 + 0.4 * 0.5
+    assert got["agreement"] == pytest.approx(p_o) and got["kappa"] == pytest.approx((p_o - p_e) / (1 - p_e))
+    assert got["kappa"] == pytest.approx(cohen_kappa_score(first, second))
+    assert math.isnan(binary_agreement([1, 1], [1, 1])["kappa"])
 
 
 def test_safety_keyword_judge():

@@ -187,3 +187,72 @@ def test_local_judge_runs_on_tiny_llm(tiny_llm_dir):
     verdicts = judge.rate([{"question": "q", "reply": "r"}, {"question": "q2", "reply": "r2"}])
     assert len(verdicts) == 2 and all(v.status in ("ok", "unparsable") for v in verdicts)
     assert all(isinstance(v.raw, str) for v in verdicts)
+
+
+def test_validate_judge_intervals_auc_and_parser_agreement():
+    from scipy import stats
+    from sklearn.metrics import roc_auc_score
+
+    correct = [1, 1, 1, 0, 0, 0, 1, 0, 1, 0]
+    raw = ["Score: 5", "4", "3", "1", "2", "4", "5", "1", "{\"score\": 2}", "1"]
+    items = [{"emotion": "sad", "question": "How?", "reply": f"r{i}", "correct": c, "view": "speech"} for i, c in enumerate(correct)]
+    out = validate_judge(ScriptedJudge(raw), items, n_resamples=200)
+    scores = [5, 4, 3, 1, 2, 4, 5, 1, 2, 1]
+    assert out["ok"] == 10 and out["pearson"] == pytest.approx(stats.pearsonr(scores, correct).statistic)
+    assert out["pearson_ci"] == pytest.approx(list(stats.pearsonr(scores, correct).confidence_interval()), abs=1e-9)
+    assert out["spearman"] == pytest.approx(stats.spearmanr(scores, correct).statistic)
+    assert out["auc"] == pytest.approx(roc_auc_score(correct, scores))
+    # score >= 4 read as "correct": judge yes on items 0, 1, 5, 6; parser yes on 0, 1, 2, 6, 8.
+    agree = out["parser_agreement"]
+    assert (agree["both_yes"], agree["first_only"], agree["second_only"], agree["both_no"]) == (3, 1, 2, 4)
+    assert agree["agreement"] == pytest.approx(0.7)
+    assert out["rows"][0]["view"] == "speech" and out["rows"][0]["question"] == "How?"
+
+
+def test_order_bias_from_swapped_passes():
+    from paraencoder.eval.judge import Verdict, order_bias
+
+    def verdict(shown, swapped):
+        consistent = shown == swapped
+        return Verdict(shown if consistent else "tie", "", "ok", extra={"consistent": consistent, "passes": [shown, swapped]})
+
+    # A judge that always picks whatever is shown first: as shown it says A, swapped it picks reply_b.
+    always_first = [verdict("A", "B") for _ in range(4)]
+    out = order_bias(always_first, ["A", "B", "A", "B"])
+    assert out["first_position_rate"] == 1.0 and out["position_consistency"] == 0.0
+    assert out["accuracy_as_shown"] == 0.5 and out["accuracy_swapped"] == 0.5 and out["accuracy"] == 0.0
+    # A perfect judge: always the better reply, in both orders.
+    truth = ["A", "B", "B", "A"]
+    out = order_bias([verdict(t, t) for t in truth], truth)
+    assert out["first_position_rate"] == 0.5 and out["accuracy"] == 1.0 and out["position_consistency"] == 1.0
+    # Ties and failures: a tie pass is not decisive, a failed item is not judged.
+    out = order_bias([verdict("tie", "A"), Verdict(None, None, "failed")], ["A", "A"])
+    assert (out["judged"], out["decisive_passes"], out["first_position_rate"]) == (1, 1, 0.0)
+    with pytest.raises(ValueError):
+        order_bias([verdict("A", "A")], [])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_packaged_judge_scores_right_replies_above_wrong_ones():
+    """The real local judge (skipped unless `make judge` installed it): parses, and separates right from wrong."""
+    from paraencoder import backbones
+    from paraencoder.eval.judge import DEFAULT_JUDGE, LocalJudge, default_local_judge
+
+    if not backbones.packaged_specs()[DEFAULT_JUDGE]["installed"]:
+        pytest.skip("the packaged judge is not installed (make judge)")
+    judge = LocalJudge(default_local_judge(), max_new_tokens=10, batch_size=8)
+    question = "How does the speaker feel? Answer in one sentence."
+    items = [
+        {"emotion": "angry", "question": question, "reply": "The speaker is feeling angry.", "correct": True},
+        {"emotion": "sad", "question": question, "reply": "The speaker sounds sad and tired.", "correct": True},
+        {"emotion": "happy", "question": question, "reply": "The speaker is happy and excited.", "correct": True},
+        {"emotion": "fearful", "question": question, "reply": "The speaker sounds fearful.", "correct": True},
+        {"emotion": "angry", "question": question, "reply": "The speaker is feeling calm and relaxed.", "correct": False},
+        {"emotion": "sad", "question": question, "reply": "The speaker is happy.", "correct": False},
+        {"emotion": "happy", "question": question, "reply": "Kids are talking by the door.", "correct": False},
+        {"emotion": "fearful", "question": question, "reply": "The speaker feels surprised.", "correct": False},
+    ]
+    out = validate_judge(judge, items, n_resamples=100)
+    assert out["ok"] == 8, [r["raw"] for r in out["rows"]]
+    assert out["mean_score_correct"] > out["mean_score_incorrect"] and out["auc"] >= 0.75

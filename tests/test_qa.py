@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -77,19 +78,19 @@ def test_generate_qa_cache_resume_and_examples(tmp_path):
     utts = [utt(0), utt(1), utt(2, emotion="angry")]  # u0 and u1 share inputs: generated once
     cache = TeacherCache(tmp_path / "qa")
     gen = FakeGenerator(fail_ids={"u2"})
-    qa, report = generate_qa(utts, gen, cache, progress=False)
+    qa, report = generate_qa(utts, gen, cache, progress=False, check=False)
     assert gen.calls == 2 and report.generated == 1 and report.failed == 1 and set(qa) == {"u0", "u1"}
     # resume: a new process (fresh cache object) redoes only the failed item
     gen2 = FakeGenerator()
-    qa2, report2 = generate_qa(utts, gen2, TeacherCache(tmp_path / "qa"), progress=False)
+    qa2, report2 = generate_qa(utts, gen2, TeacherCache(tmp_path / "qa"), progress=False, check=False)
     assert gen2.calls == 1 and report2.cached == 2 and set(qa2) == {"u0", "u1", "u2"}
     gen3 = FakeGenerator()
-    generate_qa(utts, gen3, TeacherCache(tmp_path / "qa"), progress=False)
+    generate_qa(utts, gen3, TeacherCache(tmp_path / "qa"), progress=False, check=False)
     assert gen3.calls == 0
     # a different template (or generator) is a different key
     gen4 = FakeGenerator()
     gen4.templates = {**gen4.templates, "qa_generate": {**gen4.templates["qa_generate"], "user": gen4.templates["qa_generate"]["user"] + " Be brief."}}
-    generate_qa(utts[:1], gen4, TeacherCache(tmp_path / "qa"), progress=False)
+    generate_qa(utts[:1], gen4, TeacherCache(tmp_path / "qa"), progress=False, check=False)
     assert gen4.calls == 1
     examples = qa_examples(utts, qa2)
     assert len(examples) == 3 and all(e.task == "qa" for e in examples)
@@ -130,3 +131,72 @@ def test_unknown_qa_generator_is_named():
 
     with pytest.raises(ConfigError, match="qa_generator='none'"):
         make_qa_generator("none")
+
+
+def test_check_pair_needs_words_and_voice():
+    from paraencoder.data.qa import check_pair, content_words
+
+    said = "Kids are talking by the door."
+    assert content_words(said) == {"kids", "talking", "door"}
+    good = {"question": "Why might the speaker sound that way about the kids at the door?", "answer": "They sound sad, as if the kids at the door upset them."}
+    assert check_pair(good, said, "sad") is None
+    assert check_pair(good, said, "sad", "They are describing children near a door.") is None  # words alone: neutral
+    assert check_pair(good, said, "sad", "They seem sad about it.").startswith("words alone")
+    assert check_pair(good, said, "sad", "They are upset and miserable.").startswith("words alone")  # no class named, same sentiment
+    assert check_pair(good, said, "happy").startswith("no feeling")  # the answer names another emotion
+    flat = {"question": "What are the kids doing near the door?", "answer": "The kids are talking by the door."}
+    assert check_pair(flat, said, "angry").startswith("no feeling")  # no feeling at all in the answer
+    off = {"question": "How does the speaker seem to feel right now?", "answer": "The speaker sounds sad and tired."}
+    assert check_pair(off, said, "sad").startswith("no words")
+
+
+class WordsOnlyGenerator(Judge):
+    """Writes two pairs per input; answers words-only questions with a scripted reply."""
+
+    def __init__(self, words_only_reply="They are talking about children near a door.", fail_words_only=False):
+        super().__init__()
+        self.words_only_reply, self.fail_words_only = words_only_reply, fail_words_only
+        self.asked = []
+
+    @property
+    def identity(self):
+        return {"backend": "words-only-fake"}
+
+    def complete(self, messages):
+        out = []
+        for system, user in messages:
+            if "cannot hear" in (system or ""):
+                self.asked.append(user)
+                out.append((None, "down", 1) if self.fail_words_only else (self.words_only_reply, None, 1))
+                continue
+            emotion = re.search(r"emotion=(\w+)", user).group(1)
+            pairs = [
+                {"question": "Why might the speaker sound like that about the door?", "answer": f"They sound {emotion} about the door."},
+                {"question": "What is in front of the speaker right now?", "answer": "There is an open door in front of them."},
+            ]
+            out.append((json.dumps(pairs), None, 1))
+        return out
+
+
+def test_generate_qa_rejects_pairs_the_words_alone_answer(tmp_path):
+    utts = [utt(0), utt(2, emotion="angry")]
+    gen = WordsOnlyGenerator()
+    qa, report = generate_qa(utts, gen, TeacherCache(tmp_path / "qa"), n=2, progress=False)
+    # The second pair of each input carries no feeling; the first needs the voice.
+    assert report.rejected == {"no feeling": 2} and report.pairs == 2 and report.generated == 2
+    assert all(len(pairs) == 1 and "door" in pairs[0]["question"] for pairs in qa.values())
+    assert len(gen.asked) == 4 and all('Someone said: "The door is open."' in a for a in gen.asked)
+    # A writer whose words-only answer already names the feeling: nothing is kept for that input.
+    sad_words = WordsOnlyGenerator("The speaker is sad.")
+    qa, report = generate_qa(utts[:1], sad_words, TeacherCache(tmp_path / "qa2"), n=2, progress=False)
+    assert qa == {} and report.invalid == 1 and report.rejected == {"no feeling": 1, "words alone": 1}
+    # A failed words-only check is not cached: the item is retried next time.
+    broken = WordsOnlyGenerator(fail_words_only=True)
+    store = tmp_path / "qa3"
+    qa, report = generate_qa(utts[:1], broken, TeacherCache(store), n=2, progress=False)
+    assert qa == {} and report.failed == 1
+    qa, report = generate_qa(utts[:1], WordsOnlyGenerator(), TeacherCache(store), n=2, progress=False)
+    assert report.generated == 1 and report.cached == 0 and len(qa["u0"]) == 1
+    # Checked and unchecked pairs are cached under different keys.
+    again, report = generate_qa(utts[:1], WordsOnlyGenerator(), TeacherCache(store), n=2, progress=False, check=False)
+    assert report.cached == 0 and len(again["u0"]) == 2

@@ -43,6 +43,8 @@ __all__ = [
     "qa_examples",
     "TemplateQAWriter",
     "make_qa_generator",
+    "check_pair",
+    "content_words",
 ]
 
 QA_VERSION = 1
@@ -119,7 +121,8 @@ def explicit_examples(utterances: Sequence, tasks: Sequence[Task], *, student_me
 
 
 def _inputs(utt, n: int) -> dict:
-    return {"transcript": utt.transcript, "metadata": render_metadata(utt, extra_fields=()), "n": n}
+    # Categorical (emotion, intensity where the corpus has it) and dimensional (valence/arousal/dominance).
+    return {"transcript": utt.transcript, "metadata": render_metadata(utt, extra_fields=("intensity",)), "n": n}
 
 
 def qa_key(generator_identity: dict, template: dict, inputs: dict) -> str:
@@ -165,6 +168,55 @@ def validate_pairs(value, *, emotion: str | None = None) -> tuple[list[dict], li
     return kept, dropped
 
 
+REJECTION_KINDS = ("format", "states the label", "duplicate", "no feeling", "no words", "words alone")
+
+
+def _kind(reason: str) -> str:
+    if reason.startswith("question states the label"):
+        return "states the label"
+    if reason.startswith("duplicate"):
+        return "duplicate"
+    return "format"
+
+
+_STOP = frozenset(
+    "the and are was were this that with for you not have has had but they them there their what when will would can could "
+    "about into from your our his her its who why how does did said say says speaker something someone".split()
+)
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-case words of >= 4 letters that are not function words (what "uses the words" means here)."""
+    return {w for w in re.findall(r"[a-z']{4,}", (text or "").lower()) if w not in _STOP}
+
+
+def check_pair(pair: dict, transcript: str, emotion: str, words_only_answer: str | None = None) -> str | None:
+    """Why a well-formed QA pair does not need *both* the words and the voice, or ``None`` if it does.
+
+    * ``no feeling``: the answer does not carry the annotated feeling (it names another emotion, or
+      its coarse sentiment is not the emotion's);
+    * ``no words``: neither question nor answer uses a content word of the transcript;
+    * ``words alone``: asked with the transcript only (no voice, no metadata), the writer's own answer
+      already conveys the annotated feeling (the same emotion, or the same sentiment where it names
+      none), so the pair can be answered from the words alone.
+    """
+    from paraencoder.eval.labels import SENTIMENT_OF_EMOTION, extract_emotion, extract_sentiment
+
+    target = SENTIMENT_OF_EMOTION.get(emotion, "neutral")
+    named = extract_emotion(pair["answer"])
+    if (named is not None and named != emotion) or (named is None and extract_sentiment(pair["answer"]) != target):
+        return f"no feeling: the answer does not convey {emotion!r}: {pair['answer']!r}"
+    words = content_words(transcript)
+    if words and not (words & (content_words(pair["question"]) | content_words(pair["answer"]))):
+        return f"no words: nothing of {transcript!r} in {pair['question']!r}"
+    if words_only_answer is not None:
+        guess = extract_emotion(words_only_answer)
+        same = guess == emotion if guess is not None else extract_sentiment(words_only_answer) == target
+        if same:
+            return f"words alone: from the transcript only the writer answered {words_only_answer!r} to {pair['question']!r}"
+    return None
+
+
 @dataclass
 class QAReport:
     """What :func:`generate_qa` did."""
@@ -176,6 +228,17 @@ class QAReport:
     invalid: int = 0
     pairs: int = 0
     dropped: list[str] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)  # reason kind -> pairs dropped for it
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason kind -> the first few reasons
+
+    def reject(self, utt_id: str, reasons: Sequence[str]) -> None:
+        for reason in reasons:
+            self.dropped.append(f"{utt_id}: {reason}")
+            head = reason.split(":", 1)[0]
+            kind = head if head in REJECTION_KINDS else _kind(reason)
+            self.rejected[kind] = self.rejected.get(kind, 0) + 1
+            if len(self.examples.setdefault(kind, [])) < 3:
+                self.examples[kind].append(f"{utt_id}: {reason}")
 
 
 class TemplateQAWriter:
@@ -239,13 +302,14 @@ class TemplateQAWriter:
         return out
 
 
-def make_qa_generator(spec: str, model: str | None = None, *, llm=None):
+def make_qa_generator(spec: str, model: str | None = None, *, llm=None, max_new_tokens: int = 256):
     """``"templates"`` → :class:`TemplateQAWriter`; ``"local"`` or an OpenAI-compatible URL → a judge backend."""
     if spec == "templates":
         return TemplateQAWriter()
     from paraencoder.eval.judge import make_judge
 
-    generator = make_judge(spec, model, llm=llm)
+    # QA pairs are a paragraph of JSON, not a 1-5 score: a local writer needs the longer budget.
+    generator = make_judge(spec, model, llm=llm, **({"max_new_tokens": max_new_tokens} if spec == "local" else {"max_tokens": max_new_tokens}))
     if generator is None:
         from paraencoder.errors import ConfigError
 
@@ -262,13 +326,25 @@ def generate_qa(
     template: str = "qa_generate",
     batch_size: int = 8,
     progress: bool = True,
+    check: bool | None = None,
 ) -> tuple[dict[str, list[dict]], QAReport]:
     """QA pairs per utterance id, generated by ``generator`` (a judge backend) only where not cached.
 
     Utterances need a transcript and an emotion. Failed generations (backend errors) and items with
     no valid pair are reported and *not* cached, so a rerun retries them. Pairs are deduplicated
     per utterance and across utterances with the same transcript and metadata.
+
+    With ``check`` (the default for model writers; never for :class:`TemplateQAWriter`, whose
+    answers state the label by construction) each well-formed pair must also need both the words
+    and the voice (:func:`check_pair`): the writer answers every question once more from the
+    transcript alone (template ``qa_words_only``), and a pair whose words-only answer already
+    conveys the feeling is rejected. ``QAReport.rejected`` counts the reasons.
     """
+    if check is None:
+        check = not isinstance(generator, TemplateQAWriter)
+    identity = generator.identity
+    if check:  # checked pairs are a different result: their own cache entries
+        identity = {**identity, "check": {k: generator.template("qa_words_only").get(k) for k in ("system", "user")}}
     tpl = generator.template(template)
     report = QAReport()
     todo: dict[str, tuple[dict, object]] = {}
@@ -278,7 +354,7 @@ def generate_qa(
             continue
         report.requested += 1
         inputs = _inputs(utt, n)
-        key = qa_key(generator.identity, tpl, inputs)
+        key = qa_key(identity, tpl, inputs)
         keys[utt.id] = key
         if key in cache:
             report.cached += 1
@@ -293,14 +369,38 @@ def generate_qa(
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
         verdicts = generator.judge(template, [inputs for _, (inputs, _) in chunk])
-        records = []
+        records, checked = [], []
         for (key, (inputs, utt)), verdict in zip(chunk, verdicts):
             if verdict.status == "failed":
                 report.failed += 1
                 report.dropped.append(f"{utt.id}: generator failed ({verdict.error})")
                 continue
             pairs, dropped = validate_pairs(verdict.value, emotion=utt.emotion)
-            report.dropped += [f"{utt.id}: {d}" for d in dropped]
+            report.reject(utt.id, dropped)
+            checked.append((key, utt, pairs))
+        if check:
+            asks = [{"transcript": utt.transcript, "question": pair["question"]} for _, utt, pairs in checked for pair in pairs]
+            answers = iter(generator.judge("qa_words_only", asks) if asks else [])
+            for i, (key, utt, pairs) in enumerate(checked):
+                kept, failed = [], None
+                for pair in pairs:
+                    words_only = next(answers)
+                    if words_only.status == "failed":
+                        failed = words_only.error
+                        continue
+                    reason = check_pair(pair, utt.transcript, utt.emotion, words_only.raw)
+                    if reason is None:
+                        kept.append(pair)
+                    else:
+                        report.reject(utt.id, [reason])
+                if failed is not None:  # not cached: a rerun retries the whole item
+                    report.failed += 1
+                    report.dropped.append(f"{utt.id}: words-only check failed ({failed})")
+                    kept = None
+                checked[i] = (key, utt, kept)
+        for key, utt, pairs in checked:
+            if pairs is None:
+                continue
             if not pairs:
                 report.invalid += 1
                 continue

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm", default=None, help="LLM spec (default: the one recorded in the adapter)")
     parser.add_argument("--encoder", default=None, help="encoder spec (default: the one recorded in the adapter)")
     parser.add_argument("--judge", default="none", help="'none', 'local' (in-process LLM) or the URL of an OpenAI-compatible server")
-    parser.add_argument("--judge-model", default=None, help="judge model: an LLM spec for 'local' (default smollm2-135m-instruct), the served model name for a URL")
+    parser.add_argument("--judge-model", default=None, help="judge model: an LLM spec for 'local' (default qwen2.5-coder-1.5b-instruct, installed by `make judge`), the served model name for a URL")
     parser.add_argument("--judge-timeout", type=float, default=60.0)
     parser.add_argument("--judge-retries", type=int, default=3)
     parser.add_argument("--label-set", default=None, help="classification label set, e.g. emotion4 for cross-corpus 4-class")

@@ -2,8 +2,8 @@
 
 Backends:
 
-* :class:`LocalJudge` - any :class:`paraencoder.llm.FrozenLLM` (default: the packaged SmolLM2-135M,
-  which is a *weak* judge; see docs/evaluation.md);
+* :class:`LocalJudge` - any :class:`paraencoder.llm.FrozenLLM` (default: the packaged
+  Qwen2.5-Coder-1.5B-Instruct, ``make judge``; validated in docs/evaluation.md);
 * :class:`OpenAIJudge` - any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, llama.cpp
   server, a hosted API), standard library only. Timeouts, connection errors, HTTP 429/5xx and
   malformed JSON are retried with exponential backoff; an item that still fails is recorded as
@@ -32,6 +32,8 @@ from typing import Any, Sequence
 from paraencoder.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_JUDGE",
+    "default_local_judge",
     "Verdict",
     "Judge",
     "LocalJudge",
@@ -44,6 +46,8 @@ __all__ = [
     "summarize",
     "make_judge",
     "validate_judge",
+    "order_bias",
+    "position_consistency",
 ]
 
 TEMPLATES_PATH = Path(__file__).with_name("templates.yaml")
@@ -249,7 +253,9 @@ class Judge:
             return parse_label(text, [str(x) for x in tpl["labels"]])
         if kind == "json":
             return parse_json(text)
-        raise ConfigError(f"judge template parse kind {kind!r} is unknown (score, choice, label, json)")
+        if kind == "text":
+            return text.strip() or None
+        raise ConfigError(f"judge template parse kind {kind!r} is unknown (score, choice, label, json, text)")
 
     def judge(self, template: str, items: Sequence[dict]) -> list[Verdict]:
         """Fill ``template`` with each item's fields, ask the backend, parse each reply."""
@@ -303,11 +309,32 @@ def position_consistency(verdicts: Sequence[Verdict]) -> float | None:
     return sum(v.extra["consistent"] for v in judged) / len(judged) if judged else None
 
 
+DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
+"""The packaged local judge (``make judge`` installs it; validated in docs/evaluation.md)."""
+
+
+def default_local_judge(dtype: str = "auto"):
+    """The packaged judge LLM, in ``dtype`` (``auto``: bf16 only where this machine runs it faster).
+
+    Raises:
+        ConfigError: the judge's weight packages are not installed (the message says how).
+    """
+    from paraencoder import backbones
+
+    spec = backbones.packaged_specs()[DEFAULT_JUDGE]
+    if not spec["installed"]:
+        raise ConfigError(
+            f"the local judge {DEFAULT_JUDGE!r} is not installed: run `{spec['install']}` (1.1 GB, once), or name another "
+            "judge LLM (--judge-model SPEC, e.g. smollm2-135m-instruct, which cannot judge), or use an OpenAI-compatible URL"
+        )
+    return backbones.resolve_llm(DEFAULT_JUDGE, dtype=dtype)
+
+
 class LocalJudge(Judge):
-    """A judge that runs a :class:`FrozenLLM` in process (greedy decoding).
+    """A judge that runs a :class:`FrozenLLM` in process (greedy decoding, batched, shared-prefix KV cache).
 
     Args:
-        llm: the judge LLM; default the packaged ``smollm2-135m-instruct``.
+        llm: the judge LLM; default the packaged :data:`DEFAULT_JUDGE` (Qwen2.5-Coder-1.5B-Instruct).
         max_new_tokens: reply budget (judges answer in a few tokens).
         batch_size: prompts per generate call.
     """
@@ -317,9 +344,7 @@ class LocalJudge(Judge):
     def __init__(self, llm=None, *, max_new_tokens: int = 24, batch_size: int = 8, templates=None):
         super().__init__(templates)
         if llm is None:
-            from paraencoder import backbones
-
-            llm = backbones.resolve_llm("smollm2-135m-instruct")
+            llm = default_local_judge()
         self.llm = llm
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -446,7 +471,7 @@ class OpenAIJudge(Judge):
 
 
 def make_judge(spec: str | None, model: str | None = None, *, llm=None, **kwargs) -> Judge | None:
-    """``None``/``"none"`` → no judge; ``"local"`` → :class:`LocalJudge` (``llm`` or ``model`` as an LLM spec);
+    """``None``/``"none"`` → no judge; ``"local"`` → :class:`LocalJudge` (``llm``, or ``model`` as an LLM spec, else :data:`DEFAULT_JUDGE`);
     an ``http(s)://`` URL → :class:`OpenAIJudge` (``model`` required)."""
     if spec in (None, "", "none"):
         return None
@@ -454,7 +479,7 @@ def make_judge(spec: str | None, model: str | None = None, *, llm=None, **kwargs
         if llm is None and model:
             from paraencoder import backbones
 
-            llm = backbones.resolve_llm(model)
+            llm = backbones.resolve_llm(model, dtype="auto")
         return LocalJudge(llm, **kwargs)
     if spec.startswith(("http://", "https://")):
         if not model:
@@ -463,16 +488,27 @@ def make_judge(spec: str | None, model: str | None = None, *, llm=None, **kwargs
     raise ConfigError(f"--judge {spec!r} is not 'local', 'none' or an http(s):// URL of an OpenAI-compatible server")
 
 
-def validate_judge(judge: Judge, items: Sequence[dict], *, template: str = "emotion_correct") -> dict:
-    """How well judge scores track ground-truth correctness.
+def validate_judge(
+    judge: Judge,
+    items: Sequence[dict],
+    *,
+    template: str = "emotion_correct",
+    threshold: int = 4,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """How well judge scores track ground-truth correctness (the method's judge validation).
 
-    ``items``: dicts with the template's fields (``emotion``, ``reply``, ...) and ``correct``
-    (bool or 0/1, e.g. whether the label parser found the right class in ``reply``). Returns Pearson
-    and Spearman correlation between scores and correctness over the parsed items, mean score for
-    correct vs incorrect items, and the unparsable/failure rates. An uninformative judge scores
-    ~0 correlation.
+    ``items``: dicts with the template's fields (``emotion``, ``question``, ``reply``, ...) and
+    ``correct`` (bool or 0/1: whether the keyword parser found the right class in ``reply``).
+    Over the parsed items it reports Pearson (point-biserial) and Spearman correlation of score
+    with correctness, each with a Fisher-z and a bootstrap 95% interval
+    (:func:`paraencoder.eval.metrics.correlation_ci`), the ROC AUC of the score, the mean score of
+    correct and incorrect replies, and the judge's agreement with the parser when a score
+    ``>= threshold`` is read as "correct" (raw agreement and Cohen's kappa). An uninformative
+    judge scores ~0 correlation and AUC ~0.5; unparsable and failed items are counted, never scored.
     """
-    from paraencoder.eval.metrics import pearson, spearman
+    from paraencoder.eval.metrics import binary_agreement, correlation_ci
 
     verdicts = judge.judge(template, items)
     pairs = [(float(v.value), float(bool(item["correct"]))) for v, item in zip(verdicts, items) if v.status == "ok"]
@@ -480,14 +516,69 @@ def validate_judge(judge: Judge, items: Sequence[dict], *, template: str = "emot
     truth = [p[1] for p in pairs]
     right = [s for s, t in pairs if t]
     wrong = [s for s, t in pairs if not t]
-    summary = summarize(verdicts)
+    pear = correlation_ci(scores, truth, "pearson", n_resamples=n_resamples, seed=seed)
+    spear = correlation_ci(scores, truth, "spearman", n_resamples=n_resamples, seed=seed)
+    auc = None
+    if right and wrong:
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(truth, scores))
     return {
         "template": template,
         "judge": judge.identity,
-        **summary,
-        "pearson": pearson(scores, truth),
-        "spearman": spearman(scores, truth),
+        **summarize(verdicts),
+        "pearson": pear["r"],
+        "pearson_ci": pear["fisher_ci"],
+        "pearson_bootstrap_ci": pear["bootstrap_ci"],
+        "spearman": spear["r"],
+        "spearman_ci": spear["fisher_ci"],
+        "spearman_bootstrap_ci": spear["bootstrap_ci"],
+        "auc": auc,
         "mean_score_correct": sum(right) / len(right) if right else None,
         "mean_score_incorrect": sum(wrong) / len(wrong) if wrong else None,
-        "rows": [{**{k: item.get(k) for k in ("emotion", "reply", "correct")}, **v.to_dict()} for v, item in zip(verdicts, items)],
+        "threshold": threshold,
+        "parser_agreement": binary_agreement([s >= threshold for s in scores], [bool(t) for t in truth]),
+        "rows": [
+            {**{k: item.get(k) for k in ("id", "view", "emotion", "question", "reply", "correct") if k in item}, **v.to_dict()}
+            for v, item in zip(verdicts, items)
+        ],
+    }
+
+
+def order_bias(verdicts: Sequence[Verdict], better: Sequence[str]) -> dict:
+    """Position bias of order-swapped pairwise verdicts (:meth:`Judge.compare`) with a known better reply.
+
+    ``better[i]`` is ``"A"`` or ``"B"``: the reply of item ``i`` (in the item's own order) that is
+    truly better. Each item was judged twice, once as shown and once swapped; a pass that picks
+    a reply (not a tie) picks either the reply shown *first* or the one shown second. An unbiased
+    judge picks the first-shown reply in 50% of decisive passes when the better reply is first half
+    the time. Reports that rate, each pass's accuracy, the two passes' consistency, and the
+    accuracy of the final verdict (disagreeing passes are a tie, which counts as wrong).
+    """
+    if len(verdicts) != len(better):
+        raise ValueError(f"{len(verdicts)} verdicts vs {len(better)} answers")
+    judged = [(v, b) for v, b in zip(verdicts, better) if v.status == "ok" and "passes" in v.extra]
+    first = decisive = 0
+    right_shown = right_swapped = right_final = consistent = 0
+    for verdict, truth in judged:
+        shown, swapped = verdict.extra["passes"]  # both in the item's own order (swapped pass un-swapped)
+        for value, first_shown in ((shown, "A"), (swapped, "B")):
+            if value in ("A", "B"):
+                decisive += 1
+                first += value == first_shown
+        right_shown += shown == truth
+        right_swapped += swapped == truth
+        right_final += verdict.value == truth
+        consistent += bool(verdict.extra.get("consistent"))
+    n = len(judged)
+    rate = (lambda k: k / n if n else None)  # noqa: E731
+    return {
+        "n": len(verdicts),
+        "judged": n,
+        "decisive_passes": decisive,
+        "first_position_rate": first / decisive if decisive else None,
+        "accuracy_as_shown": rate(right_shown),
+        "accuracy_swapped": rate(right_swapped),
+        "accuracy": rate(right_final),
+        "position_consistency": rate(consistent),
     }

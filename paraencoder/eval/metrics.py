@@ -14,7 +14,18 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["UNPARSED", "classification_report", "word_errors", "normalize_text", "wer", "pearson", "spearman", "rankdata"]
+__all__ = [
+    "UNPARSED",
+    "classification_report",
+    "word_errors",
+    "normalize_text",
+    "wer",
+    "pearson",
+    "spearman",
+    "rankdata",
+    "correlation_ci",
+    "binary_agreement",
+]
 
 UNPARSED = "(unparsed)"
 
@@ -141,3 +152,74 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     if len(x) < 2:
         return math.nan
     return pearson(rankdata(x), rankdata(y))
+
+
+def correlation_ci(
+    x: Sequence[float],
+    y: Sequence[float],
+    method: str = "pearson",
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """A correlation with two confidence intervals: the Fisher-z interval and a paired bootstrap.
+
+    Fisher z: ``atanh(r) +- z_(1+c)/2 * se`` mapped back with ``tanh``, with ``se = 1/sqrt(n-3)`` for
+    Pearson and Bonett & Wright's (2000) ``sqrt((1 + r^2/2) / (n-3))`` for Spearman. The bootstrap
+    resamples (x, y) pairs (percentile interval, ``n_resamples`` draws from ``seed``); resamples in
+    which one side is constant are skipped. With a binary ``y`` (a reply right or wrong) Pearson is
+    the point-biserial correlation. ``nan`` where undefined (n < 4 or a constant side).
+    """
+    from statistics import NormalDist
+
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} vs {len(b)} values")
+    corr = pearson if method == "pearson" else spearman
+    n = len(a)
+    r = corr(a, b) if n >= 2 else math.nan
+    out = {"method": method, "n": n, "r": r, "confidence": confidence, "fisher_ci": [math.nan, math.nan], "bootstrap_ci": [math.nan, math.nan]}
+    if n < 4 or math.isnan(r):
+        return out
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    se = (1 / math.sqrt(n - 3)) if method == "pearson" else math.sqrt((1 + r * r / 2) / (n - 3))
+    centre = math.atanh(max(-0.999999, min(0.999999, r)))
+    out["fisher_ci"] = [math.tanh(centre - z * se), math.tanh(centre + z * se)]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, n, n)
+        value = corr(a[idx], b[idx])
+        if not math.isnan(value):
+            draws.append(value)
+    if draws:
+        lo, hi = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+        out["bootstrap_ci"] = [float(lo), float(hi)]
+    return out
+
+
+def binary_agreement(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """How two yes/no raters agree: raw agreement, Cohen's kappa and the 2x2 counts.
+
+    ``kappa = (p_o - p_e) / (1 - p_e)`` with ``p_e`` the agreement expected from each rater's own
+    yes-rate; ``nan`` when ``p_e == 1`` (both raters constant and equal).
+    """
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} vs {len(y)} values")
+    n = len(x)
+    counts = {
+        "both_yes": int((x & y).sum()),
+        "both_no": int((~x & ~y).sum()),
+        "first_only": int((x & ~y).sum()),
+        "second_only": int((~x & y).sum()),
+    }
+    if n == 0:
+        return {"n": 0, "agreement": math.nan, "kappa": math.nan, **counts}
+    p_o = (counts["both_yes"] + counts["both_no"]) / n
+    p_e = x.mean() * y.mean() + (1 - x.mean()) * (1 - y.mean())
+    kappa = (p_o - p_e) / (1 - p_e) if p_e < 1 else math.nan
+    return {"n": n, "agreement": p_o, "kappa": float(kappa), **counts}

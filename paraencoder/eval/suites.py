@@ -298,7 +298,8 @@ def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, bas
         from paraencoder.eval.judge import validate_judge
 
         jitems = [
-            {"emotion": row["label"], "reply": row[f"{view}_reply"], "transcript": row["transcript"], "correct": row[f"{view}_pred"] == row["label"], "view": view}
+            {"emotion": row["label"], "question": task.student.replace(SPEECH, "").strip(), "reply": row[f"{view}_reply"], "transcript": row["transcript"],
+             "correct": row[f"{view}_pred"] == row["label"], "view": view}
             for row in rows
             for view in views
             if row.get(f"{view}_reply")
