@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, pairs in by_input.items():
         emotion = key.split("emotion=")[1].split(",")[0].split("]")[0]
         kept_by_emotion[emotion] += len(pairs)
-    generated_now = report.generated
+    processed = report.generated + report.invalid  # distinct inputs written (and checked) in this run
     result = {
         "writer": writer.identity,
         "machine": machine_info(torch.device("cpu")),
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "examples_rejected": report.examples,
         "load_seconds": round(load_s, 1),
         "seconds": round(seconds, 1),
-        "inputs_per_minute": round(generated_now / seconds * 60, 2) if generated_now and seconds > 1 else None,
+        "inputs_per_minute": round(processed / seconds * 60, 2) if processed and seconds > 1 else None,
         "note": "report.dropped (every rejection with its reason) is printed by the run; the JSON keeps counts and examples",
     }
     out_path = Path(args.out or REPO / "bench" / "results" / f"qa_generate_{args.name}.json")

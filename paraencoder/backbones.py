@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from paraencoder.errors import BackboneError
-from paraencoder.io import atomic_write_json, atomic_write_text
+from paraencoder.io import atomic_open, atomic_write_json, atomic_write_text
 
 SOURCE_MARKER = "paraencoder_source.json"  # written last into a converted directory: its presence = complete
 
@@ -430,7 +430,7 @@ def _memo(key: tuple, load):
 
 def _concatenate(parts: Sequence[Path], target: Path) -> None:
     """Write ``parts`` one after another into ``target`` (a split GGUF becomes the file it was)."""
-    with open(target, "wb") as out:
+    with atomic_open(target, "wb", encoding=None) as out:
         for part in parts:
             with open(part, "rb") as handle:
                 shutil.copyfileobj(handle, out, 1 << 22)

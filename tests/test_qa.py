@@ -121,7 +121,9 @@ def test_template_writer_questions_need_the_voice(tmp_path):
         assert all("the door" in p["question"] for p in pairs) and all(u.emotion in p["answer"] for p in pairs)
         assert len({p["question"] for p in pairs}) == 2
     # deterministic: a second writer (another process) gives the same pairs, so the cache is consistent
-    again = TemplateQAWriter().judge("qa_generate", [{"transcript": "The door is open.", "metadata": render_metadata(utt(0), extra_fields=()), "n": 2}])
+    from paraencoder.data.qa import _inputs
+
+    again = TemplateQAWriter().judge("qa_generate", [_inputs(utt(0), 2)])
     assert again[0].value == qa["u0"]
 
 
@@ -190,6 +192,10 @@ def test_generate_qa_rejects_pairs_the_words_alone_answer(tmp_path):
     sad_words = WordsOnlyGenerator("The speaker is sad.")
     qa, report = generate_qa(utts[:1], sad_words, TeacherCache(tmp_path / "qa2"), n=2, progress=False)
     assert qa == {} and report.invalid == 1 and report.rejected == {"no feeling": 1, "words alone": 1}
+    # "no valid pair" is cached: a rerun asks nothing and still returns nothing for it.
+    rerun = WordsOnlyGenerator("The speaker is sad.")
+    qa, report = generate_qa(utts[:1], rerun, TeacherCache(tmp_path / "qa2"), n=2, progress=False)
+    assert qa == {} and report.cached == 1 and rerun.asked == []
     # A failed words-only check is not cached: the item is retried next time.
     broken = WordsOnlyGenerator(fail_words_only=True)
     store = tmp_path / "qa3"
