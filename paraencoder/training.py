@@ -756,7 +756,7 @@ class AlignmentData(L.LightningDataModule):
         utts = self._good_utterances(manifest) if self.hparams.get("bad_items", "fail") != "off" else load_manifest(manifest)
         if manifest == self.hparams.train_manifest:
             self.train_utterances = list(utts)
-        tasks = get_tasks(self.hparams.tasks)
+        tasks = all_tasks = get_tasks(self.hparams.tasks)
         banked: list[str] = []
         if self.hparams.questions_per_item > 0:
             from paraencoder.data.dataset import TASK_ATTRIBUTES
@@ -768,7 +768,8 @@ class AlignmentData(L.LightningDataModule):
             from paraencoder.data.dataset import bank_examples
 
             examples += bank_examples(utts, banked, per_item=self.hparams.questions_per_item, seed=self.hparams.seed)
-        examples += self._qa_examples(utts, tasks)
+        # Explicit metadata examples ask every task's own question, banked attributes included.
+        examples += self._qa_examples(utts, all_tasks)
         if self.hparams.max_examples:
             g = torch.Generator().manual_seed(self.hparams.seed)
             order = torch.randperm(len(examples), generator=g).tolist()

@@ -206,3 +206,17 @@ def test_generate_qa_rejects_pairs_the_words_alone_answer(tmp_path):
     # Checked and unchecked pairs are cached under different keys.
     again, report = generate_qa(utts[:1], WordsOnlyGenerator(), TeacherCache(store), n=2, progress=False, check=False)
     assert report.cached == 0 and len(again["u0"]) == 2
+
+
+def test_explicit_mode_with_the_question_bank_keeps_the_attribute_tasks(toy_corpus, tiny_llm_dir):
+    """The bank takes emotion/age out of the fixed tasks; explicit metadata examples must still ask them."""
+    from paraencoder.training import AlignmentData
+
+    data = AlignmentData(
+        train_manifest=str(toy_corpus / "manifest.jsonl"), tasks=["emotion"], llm=str(tiny_llm_dir),
+        questions_per_item=1, qa_mode="explicit", bad_items="off", filter_teacher=False,
+    )
+    examples = data._examples(str(toy_corpus / "manifest.jsonl"))
+    meta = [e for e in examples if e.task.endswith("+meta")]
+    assert meta and all(e.teacher_prompt.startswith("[speaker metadata: emotion=") for e in meta)
+    assert len(meta) == len([e for e in examples if not e.task.endswith("+meta")])  # one per clip, beside its bank question
