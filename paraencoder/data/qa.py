@@ -168,15 +168,18 @@ def validate_pairs(value, *, emotion: str | None = None) -> tuple[list[dict], li
     return kept, dropped
 
 
-REJECTION_KINDS = ("format", "states the label", "duplicate", "no feeling", "no words", "words alone")
+# How a rejection reason starts -> its kind (validate_pairs and check_pair write these); anything else is "format".
+_REJECTION_PREFIXES = {
+    "question states the label": "states the label",
+    "duplicate": "duplicate",
+    "no feeling": "no feeling",
+    "no words": "no words",
+    "words alone": "words alone",
+}
 
 
 def _kind(reason: str) -> str:
-    if reason.startswith("question states the label"):
-        return "states the label"
-    if reason.startswith("duplicate"):
-        return "duplicate"
-    return "format"
+    return next((kind for prefix, kind in _REJECTION_PREFIXES.items() if reason.startswith(prefix)), "format")
 
 
 _STOP = frozenset(
@@ -234,8 +237,7 @@ class QAReport:
     def reject(self, utt_id: str, reasons: Sequence[str]) -> None:
         for reason in reasons:
             self.dropped.append(f"{utt_id}: {reason}")
-            head = reason.split(":", 1)[0]
-            kind = head if head in REJECTION_KINDS else _kind(reason)
+            kind = _kind(reason)
             self.rejected[kind] = self.rejected.get(kind, 0) + 1
             if len(self.examples.setdefault(kind, [])) < 3:
                 self.examples[kind].append(f"{utt_id}: {reason}")
