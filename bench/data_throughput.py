@@ -1,5 +1,5 @@
 """Data-layer benchmark on the shared corpora: padding waste with/without length bucketing, and
-clips/s of reading audio (+ Whisper log-mel features when paraencoder.features is available).
+clips/s of reading audio (+ Whisper log-mel features when paraencoder.model.features is available).
 
     python bench/data_throughput.py [--clips 300] [--batch-size 16]
 
@@ -44,7 +44,7 @@ def throughput(utts, clips: int, batch_size: int) -> dict[str, float]:
     read_s = time.perf_counter() - t0
     out = {"clips": len(waves), "read_clips_per_s": len(waves) / read_s, "audio_seconds_per_s": sum(len(w) for w in waves) / 16000 / read_s}
     try:
-        from paraencoder.features import LogMelSpectrogram
+        from paraencoder.model.features import LogMelSpectrogram
     except ImportError:
         return out
     mel = LogMelSpectrogram()

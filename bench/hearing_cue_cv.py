@@ -1,6 +1,6 @@
 """Choose the verbal cue's classifier settings by speaker-grouped cross-validation inside the training speakers.
 
-The cue classifiers (:mod:`paraencoder.cue`) are fitted by the same function a training run uses
+The cue classifiers (:mod:`paraencoder.model.cue`) are fitted by the same function a training run uses
 (``fit_cue_classifiers``) on the pooled frozen Whisper-base states of the recipe's layers. Every
 setting is scored by 4-fold GroupKFold by speaker on the *training* speakers only (RAVDESS actors
 01-16, the speechocean762 training speakers); the winner (mean of emotion and child/adult CV
@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.model_selection import GroupKFold
 
     from paraencoder import backbones
-    from paraencoder.cue import DEFAULT_CUE, VerbalCue, fit_cue_classifiers, pool_states
+    from paraencoder.model.cue import DEFAULT_CUE, VerbalCue, fit_cue_classifiers, pool_states
     from paraencoder.data.encoder_states import EncoderStateCache, encode_all
     from paraencoder.data.manifest import load_manifest
     from paraencoder.io import atomic_write_json
     from paraencoder.threads import set_threads
-    from paraencoder.training import default_cache_dir
+    from paraencoder.train.module import default_cache_dir
 
     set_threads(args.threads)
     encoder = backbones.resolve_encoder(args.encoder)

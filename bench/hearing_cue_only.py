@@ -27,14 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from paraencoder.threads import set_threads
-    from paraencoder.training import AlignmentData, AlignmentModule
+    from paraencoder.train.data import AlignmentData
+    from paraencoder.train.module import AlignmentModule
 
     set_threads(args.threads)
     config = yaml.safe_load(args.config.read_text(encoding="utf-8"))
     L.seed_everything(config.get("seed_everything", 0))
     model_args = dict(config["model"]["init_args"], export_dir=str(args.out))
     module = AlignmentModule(**model_args)
-    # What the CLI links from the model to the data (paraencoder.cli): the same LLM and system prompt,
+    # What the CLI links from the model to the data (paraencoder.apps.cli): the same LLM and system prompt,
     # so the teacher replies, their cache and the filtered examples are the ones the fit run used.
     linked = {k: model_args[k] for k in ("llm", "llm_dtype", "system_prompt") if k in model_args}
     data = AlignmentData(**{**config["data"]["init_args"], **linked})

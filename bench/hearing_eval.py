@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.data.manifest import load_manifest
     from paraencoder.eval.suites import run_suite
     from paraencoder.io import atomic_write_json
-    from paraencoder.learning_curve import stratified_sample
+    from paraencoder.train.learning_curve import stratified_sample
 
     out = RESULTS / f"hearing_{args.name}.json"
     results = json.loads(out.read_text()) if out.is_file() and not args.redo else {}

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.data.encoder_states import EncoderStateCache, encode_all
     from paraencoder.data.manifest import load_manifest
     from paraencoder.io import atomic_write_json
-    from paraencoder.training import default_cache_dir
+    from paraencoder.train.module import default_cache_dir
 
     encoder = backbones.resolve_encoder(args.encoder)
     cache = EncoderStateCache(default_cache_dir() / "encoder_states", encoder.identity["weights_sha256"])

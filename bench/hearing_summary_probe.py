@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.audio import load_audio, pad_waves
     from paraencoder.data.manifest import load_manifest
     from paraencoder.io import atomic_write_json
-    from paraencoder.training import AlignmentModule
+    from paraencoder.train.module import AlignmentModule
 
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}

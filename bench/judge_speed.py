@@ -9,7 +9,7 @@ from ``bench/results/hearing_fast_step.json``, not the validation items), greedy
 * ``batched``: ``model.generate`` on batches of ``--batch-size`` (left padding);
 * ``batched + prefix cache + early exit`` (what ``LocalJudge`` ships): the shared prompt prefix
   once as a KV cache, finished rows leave the batch (``FrozenLLM.greedy_ids``);
-* ``bf16``: the shipped row in bfloat16, only where ``paraencoder.precision`` measures bf16 matmuls
+* ``bf16``: the shipped row in bfloat16, only where ``paraencoder.backbones.precision`` measures bf16 matmuls
   faster than fp32 on this machine (otherwise the probe's ratio is recorded and the row skipped).
 
 Verdicts of every row are compared with the shipped row's (identical = the speed-up changed
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from paraencoder import backbones
-    from paraencoder.eval.judge import LocalJudge
-    from paraencoder.precision import BF16_MIN_SPEEDUP, cpu_bf16_speedup
+    from paraencoder.judge import LocalJudge
+    from paraencoder.backbones.precision import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
     rows = json.loads((REPO / "bench" / "results" / "hearing_fast_step.json").read_text())["emotion"]["rows"]
     items = []

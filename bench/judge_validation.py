@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from paraencoder import backbones
-    from paraencoder.eval.judge import make_judge, order_bias, validate_judge
+    from paraencoder.judge import make_judge
+    from paraencoder.eval.judge_validation import order_bias, validate_judge
 
     out_path = Path(args.out or REPO / "bench" / "results" / f"judge_validation_{args.name}.json")
     results = json.loads(out_path.read_text()) if out_path.is_file() and not args.redo else {}

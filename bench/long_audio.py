@@ -1,7 +1,7 @@
 """Long audio: time, memory and soft tokens of clips over Whisper's 30 s window (encoded in windows).
 
 For each length (default 30, 60, 120 s) it encodes a synthetic clip through the adapter's public
-forward in overlapping windows (``paraencoder.dialogue.speech_tokens``) and, unless
+forward in overlapping windows (``paraencoder.model.dialogue.speech_tokens``) and, unless
 ``--no-generate``, answers it (prefill of all soft tokens + a few greedy tokens). It reports the
 soft-token count, windows, seconds and peak process memory, and checks the count is linear in the
 duration. Writes ``bench/results/long_audio[_tiny].json``.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 
 def load_adapter(args):
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     if not args.tiny:
         return SpeechAdapter.from_pretrained(args.adapter), str(args.adapter)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.common import PeakMemory, machine_info
-    from paraencoder.dialogue import Dialogue, dialogue_inputs, speech_tokens, window_geometry
+    from paraencoder.model.dialogue import Dialogue, dialogue_inputs, speech_tokens, window_geometry
 
     torch.set_num_threads(args.threads)
     adapter, source = load_adapter(args)

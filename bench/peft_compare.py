@@ -41,7 +41,7 @@ DEFAULT_RECIPES = (
 
 
 def evaluate(adapter_dir: Path, manifests: dict[str, Path], safety: list, limit: int | None) -> dict:
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.data.manifest import load_manifest
     from paraencoder.eval.suites import run_suite
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from paraencoder.demo import build_manifests
+    from paraencoder.apps.demo import build_manifests
 
     args.out.mkdir(parents=True, exist_ok=True)
     manifests = build_manifests(args.data, args.out, quick=args.quick)

@@ -83,7 +83,7 @@ def implicit_report(run_dir: Path) -> dict | None:
 def evaluate(adapter_dir: Path | None, utts: list, judge, baseline: bool) -> dict:
     """Suites on held-out clips: the adapter's speech view as one row, or with ``baseline`` (and
     ``adapter_dir=None``: an untrained adapter) ``{view: row}`` for its speech, transcript and stated views."""
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.eval.suites import run_suite
 
     started = time.perf_counter()
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from paraencoder.data.manifest import load_manifest
-    from paraencoder.demo import build_manifests
+    from paraencoder.apps.demo import build_manifests
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     judge = None
     if args.judge:
         from paraencoder import backbones
-        from paraencoder.eval.judge import make_judge
+        from paraencoder.judge import make_judge
 
         local = backbones.resolve_llm(args.judge_model or "smollm2-135m-instruct") if args.judge == "local" else None
         judge = make_judge(args.judge, args.judge_model, llm=local, **({"batch_size": 16, "max_new_tokens": 10} if local else {}))

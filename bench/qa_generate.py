@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.data.manifest import load_manifest
     from paraencoder.data.qa import _inputs, generate_qa, make_qa_generator
     from paraencoder.data.teacher import TeacherCache
-    from paraencoder.demo import build_manifests
-    from paraencoder.training import default_cache_dir
+    from paraencoder.apps.demo import build_manifests
+    from paraencoder.train.module import default_cache_dir
 
     manifests = build_manifests(args.data, args.manifest_dir, quick=False)
     utts = [u for u in load_manifest(manifests["train"]) if u.transcript and u.emotion]

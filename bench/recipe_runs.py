@@ -47,7 +47,7 @@ def fit_recipe(recipe: str, out: Path, manifest: Path, max_steps: int, *, thread
             print(f"[recipe_runs] {run_dir.name}: finished earlier ({record['train_seconds']} s), reused", flush=True)
             return record
     cmd = [
-        sys.executable, "-m", "paraencoder.cli", "fit",
+        sys.executable, "-m", "paraencoder", "fit",
         "--config", str(recipe_path),
         "--trainer.max_steps", str(max_steps),
         "--data.init_args.train_manifest", str(manifest),

@@ -53,8 +53,8 @@ def percentile(values: list[float], q: float) -> float:
 def run_mode(adapter, name: str, max_batch: int, args, payloads: list[list[dict]]) -> dict:
     import openai
 
-    from paraencoder.serve.app import ServeConfig, create_app
-    from paraencoder.serve.local import LocalServer
+    from paraencoder.apps.serve.app import ServeConfig, create_app
+    from paraencoder.apps.serve.local import LocalServer
 
     config = ServeConfig(model_name="bench", max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=max(64, 2 * args.clients))
     app = create_app(adapter, config)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import machine_info
     from bench.long_audio import load_adapter
 
-    logging.getLogger("paraencoder.serve").setLevel(logging.WARNING)
+    logging.getLogger("paraencoder.apps.serve").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     adapter, source = load_adapter(args)
     payloads = [

@@ -9,7 +9,7 @@ teacher's reply, frozen encoder with its output cache, length-bucketed batch 8):
 2. **The ladder**, one change per row, each timed against the same baseline row:
        today's shipped step          (fp32, the whole prompt through the LLM for every row)
        + shared-prefix KV cache      (system prompt + chat header run once, reused: FrozenLLM.shared_prefix)
-       + frozen LLM in bf16 autocast (kept only where it wins: paraencoder.precision decides by measuring)
+       + frozen LLM in bf16 autocast (kept only where it wins: paraencoder.backbones.precision decides by measuring)
        [+ torch.compile]             (--compile)
        threads rows                  (1 intra-op thread; 2 threads + a data worker competing)
    with model FLOP/s per row (the full prompt's FLOPs for every row, MFU-style: work a cache avoids
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import train_step as ts  # noqa: E402
 
-from paraencoder.precision import cpu_bf16_speedup, matmul_tflops  # noqa: E402
+from paraencoder.backbones.precision import cpu_bf16_speedup, matmul_tflops# noqa: E402
 
 
 def _spin(seconds: float) -> None:  # a CPU-bound competitor (what a data worker decoding audio costs)

@@ -182,7 +182,7 @@ def ladder(cfg: BenchConfig, *, baseline: bool, compile_row: bool) -> list[Stage
 
 
 def build_module(cfg: BenchConfig, device: torch.device, workdir: Path):
-    from paraencoder.training import AlignmentModule
+    from paraencoder.train.module import AlignmentModule
 
     llm_spec, enc_spec = cfg.llm, cfg.encoder
     dtype = getattr(torch, cfg.llm_dtype)
@@ -268,7 +268,7 @@ def make_batches(clips: list, examples: list, batch_size: int, *, bucket: bool, 
 
 def padded_whisper_encode(adapter):
     """The naive encoder: features of 30 s of padded audio through transformers' ``WhisperEncoder.forward``."""
-    from paraencoder.encoders.base import EncoderOutput
+    from paraencoder.model.encoders.base import EncoderOutput
 
     wrapper = adapter.encoder
     samples = 30 * 16000

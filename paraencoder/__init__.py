@@ -16,7 +16,7 @@ __all__ = ["SpeechAdapter", "FrozenLLM", "set_threads", "__version__"]
 def __getattr__(name: str):
     # Lazy so that `import paraencoder` (and the CLI's --help) stays fast.
     if name == "SpeechAdapter":
-        from paraencoder.adapter import SpeechAdapter
+        from paraencoder.model.adapter import SpeechAdapter
 
         return SpeechAdapter
     if name == "set_threads":  # the CPU thread policy of every command (paraencoder.threads)
@@ -24,7 +24,7 @@ def __getattr__(name: str):
 
         return set_threads
     if name == "FrozenLLM":
-        from paraencoder.llm import FrozenLLM
+        from paraencoder.model.llm import FrozenLLM
 
         return FrozenLLM
     raise AttributeError(f"module 'paraencoder' has no attribute {name!r}")

@@ -9,7 +9,7 @@ up as one line at the end; there it prints a plain line instead every ``interval
 and one when it finishes. ``$PARAENCODER_PROGRESS`` = ``bar`` | ``lines`` | ``off`` forces a
 style; ``$PARAENCODER_PROGRESS_INTERVAL`` (seconds, default 30) sets the line period.
 
-No heavy imports: the Lightning callback lives in :mod:`paraencoder.progress_callback`.
+No heavy imports: the Lightning callback lives in :mod:`paraencoder.train.progress_callback`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paraencoder.errors import PromptError
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 
 # How an emotion label is stated to the teacher ("said in a sad, trembling voice").
 EMOTION_DESCRIPTIONS: dict[str, str] = {

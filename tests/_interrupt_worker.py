@@ -4,7 +4,7 @@
   with this folder on ``PYTHONPATH``): when training reaches ``step`` it writes a marker file and
   blocks, so the test can ``kill -9`` the process at a known point, after the step's checkpoint.
 * :func:`fit_recipe` writes a tiny ``paraencoder fit`` recipe; :func:`run_cli`/:func:`start_cli` run
-  ``python -m paraencoder.cli`` in a subprocess; :func:`kill_when` SIGKILLs a process once a
+  ``python -m paraencoder`` in a subprocess; :func:`kill_when` SIGKILLs a process once a
   condition holds; :func:`read_losses` reads per-step losses from a CSVLogger ``metrics.csv``.
 """
 
@@ -86,7 +86,7 @@ def fit_recipe(
             },
         },
         "model": {
-            "class_path": "paraencoder.training.AlignmentModule",
+            "class_path": "paraencoder.train.module.AlignmentModule",
             "init_args": {
                 "llm": str(llm_dir),
                 "encoder": str(whisper_dir),
@@ -99,7 +99,7 @@ def fit_recipe(
             },
         },
         "data": {
-            "class_path": "paraencoder.training.AlignmentData",
+            "class_path": "paraencoder.train.data.AlignmentData",
             "init_args": {
                 "train_manifest": str(manifest),
                 "tasks": ["respond", "emotion"],
@@ -133,13 +133,13 @@ def cli_env(cache: Path) -> dict[str, str]:
 
 
 def start_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:
-    """``python -m paraencoder.cli ARGS`` in the background (stdout+stderr to ``cwd/cli.log``)."""
+    """``python -m paraencoder ARGS`` in the background (stdout+stderr to ``cwd/cli.log``)."""
     log = open(cwd / f"cli-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "paraencoder.cli", *args], cwd=cwd, env=cli_env(cache), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "paraencoder", *args], cwd=cwd, env=cli_env(cache), stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_cli(args: list[str], cwd: Path, cache: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "paraencoder.cli", *args], cwd=cwd, env=cli_env(cache), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "paraencoder", *args], cwd=cwd, env=cli_env(cache), capture_output=True, text=True, timeout=timeout)
 
 
 def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 240, poll: float = 0.02) -> None:
@@ -180,7 +180,7 @@ class SlowQAGenerator:
         return {"system": "Write questions.", "user": "Transcript: {transcript} {metadata}"}
 
     def judge(self, template: str, inputs: list[dict]) -> list:
-        from paraencoder.eval.judge import Verdict
+        from paraencoder.judge import Verdict
 
         time.sleep(self.delay * len(inputs))
         return [Verdict(value=[{"question": f"Why did the speaker say '{x['transcript']}' that way?", "answer": "Because of how they felt."}]) for x in inputs]

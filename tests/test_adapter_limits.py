@@ -22,11 +22,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import paraencoder.adapter as adapter_module
+import paraencoder.model.adapter as adapter_module
 from paraencoder import backbones
-from paraencoder.adapter import CONFIG_NAME, WEIGHTS_NAME, SpeechAdapter
+from paraencoder.model.adapter import CONFIG_NAME, WEIGHTS_NAME, SpeechAdapter
 from paraencoder.errors import ParaencoderError
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -331,7 +331,8 @@ def test_training_keeps_its_system_prompt_off_the_shared_llm(tiny_llm_dir, tiny_
     from types import SimpleNamespace
 
     from paraencoder.errors import ConfigError
-    from paraencoder.training import AlignmentData, AlignmentModule
+    from paraencoder.train.data import AlignmentData
+    from paraencoder.train.module import AlignmentModule
 
     module = AlignmentModule(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), stack=2, projector_dim=32, system_prompt="Be kind.")
     shared = backbones.resolve_llm(str(tiny_llm_dir))

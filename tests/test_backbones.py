@@ -144,7 +144,7 @@ def test_ct2_whisper_converted_once_into_cache(tmp_path, tiny_whisper_dir, priva
 
 
 def test_resolve_llm_and_encoder(tiny_llm_dir, tiny_whisper_dir):
-    from paraencoder.llm import FrozenLLM
+    from paraencoder.model.llm import FrozenLLM
 
     llm = backbones.resolve_llm(tiny_llm_dir)
     assert isinstance(llm, FrozenLLM) and backbones.resolve_llm(str(tiny_llm_dir)) is llm

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from paraencoder import threads as T
-from paraencoder.cli import LIGHTNING_COMMANDS, TASK_COMMANDS, _pop_threads
+from paraencoder.apps.cli import LIGHTNING_COMMANDS, TASK_COMMANDS, _pop_threads
 from paraencoder.progress import PlainProgress, format_seconds, progress_bar, progress_style
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ HEAVY = ("torch", "transformers", "lightning")
 # seconds it took and whether torch / transformers / Lightning were imported by then.
 _HELP_PROBE = r"""
 import contextlib, io, json, sys, time
-from paraencoder.cli import main
+from paraencoder.apps.cli import main
 out = {}
 for cmd in sys.argv[1:]:
     t = time.perf_counter()
@@ -57,13 +57,13 @@ def test_help_of_every_command_is_fast_and_imports_no_torch():
         assert "--threads" in entry["help"], f"`paraencoder {cmd} --help` does not document --threads"
     # The whole program, interpreter start included, for the slowest help before this change.
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "paraencoder.cli", "eval", "--help"], capture_output=True, text=True, timeout=60, env=_env())
+    proc = subprocess.run([sys.executable, "-m", "paraencoder", "eval", "--help"], capture_output=True, text=True, timeout=60, env=_env())
     assert proc.returncode == 0 and "--suite" in proc.stdout
     assert time.perf_counter() - start < 2.0
 
 
 def test_eval_suite_names_match_the_suites():
-    from paraencoder.eval import cli as eval_cli
+    from paraencoder.apps.cli import eval as eval_cli
     from paraencoder.eval.suites import SUITES
 
     assert tuple(eval_cli.SUITES) == tuple(SUITES)
@@ -126,23 +126,23 @@ def test_threads_reach_the_commands(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "a", "audio": "a.wav", "transcript": "hi", "speaker": "s"}) + "\n")
     # after the `data` subcommand, where argparse alone would refuse it
-    proc = subprocess.run([sys.executable, "-m", "paraencoder.cli", "data", "validate", str(manifest), "--no-audio", "--threads", "1"],
+    proc = subprocess.run([sys.executable, "-m", "paraencoder", "data", "validate", str(manifest), "--no-audio", "--threads", "1"],
                           capture_output=True, text=True, timeout=120, env=_env())
     assert "1 CPU thread (--threads" in proc.stderr, proc.stderr[-2000:]
     assert "unrecognized arguments" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "paraencoder.cli", "data", "validate", str(manifest), "--no-audio"],
+    proc = subprocess.run([sys.executable, "-m", "paraencoder", "data", "validate", str(manifest), "--no-audio"],
                           capture_output=True, text=True, timeout=120, env=_env(PARAENCODER_THREADS="2"))
     assert "2 CPU threads (PARAENCODER_THREADS" in proc.stderr, proc.stderr[-2000:]
     # fit: removed before LightningCLI (which would refuse an unknown option)
-    proc = subprocess.run([sys.executable, "-m", "paraencoder.cli", "fit", "--config", str(REPO / "recipes" / "tiny.yaml"), "--threads", "1", "--print_config"],
+    proc = subprocess.run([sys.executable, "-m", "paraencoder", "fit", "--config", str(REPO / "recipes" / "tiny.yaml"), "--threads", "1", "--print_config"],
                           capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "1 CPU thread (--threads" in proc.stderr and "class_path: paraencoder.training.AlignmentModule" in proc.stdout
+    assert "1 CPU thread (--threads" in proc.stderr and "class_path: paraencoder.train.module.AlignmentModule" in proc.stdout
 
 
 _CHECK_PROBE = r"""
 import sys
-from paraencoder.cli import main
+from paraencoder.apps.cli import main
 rc = main(sys.argv[1:])
 print("HEAVY=" + ",".join(m for m in ("torch", "transformers") if m in sys.modules))
 sys.exit(rc)
@@ -188,7 +188,7 @@ def test_fit_checks_the_manifest_audio_before_models_load(tmp_path):
     bad_manifest.write_text(json.dumps({"id": "x", "audio": str(tmp_path / "gone.wav"), "transcript": "hi", "emotion": "happy", "speaker": "s"}) + "\n")
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "paraencoder.cli", "fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--data.init_args.train_manifest", str(bad_manifest)],
+        [sys.executable, "-m", "paraencoder", "fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--data.init_args.train_manifest", str(bad_manifest)],
         capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -240,7 +240,7 @@ def test_fit_prints_step_progress_in_a_log_and_no_unactionable_warnings(tmp_path
 
     recipe = write_recipe(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus / "manifest.jsonl")
     proc = subprocess.run(
-        [sys.executable, "-m", "paraencoder.cli", "fit", "--config", str(recipe), "--trainer.max_steps", "4", "--trainer.enable_checkpointing", "true"],
+        [sys.executable, "-m", "paraencoder", "fit", "--config", str(recipe), "--trainer.max_steps", "4", "--trainer.enable_checkpointing", "true"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(PARAENCODER_PROGRESS_INTERVAL="0"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

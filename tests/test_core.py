@@ -11,11 +11,11 @@ import torch
 
 from conftest import tone
 from paraencoder import backbones
-from paraencoder.adapter import SpeechAdapter
-from paraencoder.encoders.base import parse_layer_spec
+from paraencoder.model.adapter import SpeechAdapter
+from paraencoder.model.encoders.base import parse_layer_spec
 from paraencoder.errors import AdapterMismatchError, AudioError, ConfigError, PromptError, UnsafeFileError
-from paraencoder.llm import SPEECH, FrozenLLM
-from paraencoder.projector import LayerSelect, Projector
+from paraencoder.model.llm import SPEECH, FrozenLLM
+from paraencoder.model.projector import LayerSelect, Projector
 
 
 def test_parse_layer_spec():

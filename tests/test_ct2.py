@@ -16,7 +16,7 @@ import torch
 
 from conftest import shared_data_or_skip
 from paraencoder.backbones import packaged_specs, whisper_greedy_transcribe
-from paraencoder.ct2 import ct2_whisper_to_hf, read_ct2, whisper_tokenizer
+from paraencoder.backbones.ct2 import ct2_whisper_to_hf, read_ct2, whisper_tokenizer
 from paraencoder.errors import BackboneError
 
 F32, I8, I16, F16 = 0, 1, 2, 4

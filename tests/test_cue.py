@@ -1,4 +1,4 @@
-"""The verbal cue (paraencoder.cue): config checks, the filled-in sentence, the fit, save/load and training."""
+"""The verbal cue (paraencoder.model.cue): config checks, the filled-in sentence, the fit, save/load and training."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import lightning as L
 import pytest
 import torch
 
-from paraencoder.adapter import SpeechAdapter
-from paraencoder.cue import VerbalCue, check_cue_config, fit_cue_classifiers, pool_states
+from paraencoder.model.adapter import SpeechAdapter
+from paraencoder.model.cue import VerbalCue, check_cue_config, fit_cue_classifiers, pool_states
 from paraencoder.data.manifest import load_manifest
 from paraencoder.errors import ConfigError, UnsafeFileError
-from paraencoder.training import AlignmentData, AlignmentModule
+from paraencoder.train.data import AlignmentData
+from paraencoder.train.module import AlignmentModule
 
 # Single characters are single tokens for any byte-level BPE, so every slot is one token wide.
 CUE = {"template": "(s{emotion}, t{age_group}.)", "classes": {"emotion": {"neutral": "n", "sad": "s", "happy": "h"}, "age_group": {"child": "c", "adult": "a"}}}
@@ -134,7 +135,7 @@ def test_hostile_cue_section_is_refused_naming_the_file(tmp_path, tiny_llm_dir, 
 
 
 def test_training_fits_the_cue_first_and_serves_it(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus, monkeypatch):
-    monkeypatch.setattr("paraencoder.training.filter_teacher_answers", lambda examples, source="": examples)
+    monkeypatch.setattr("paraencoder.train.data.filter_teacher_answers", lambda examples, source="": examples)
     L.seed_everything(0)
     module = AlignmentModule(
         llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), layer="mix", mix_layers=[1, 2], stack=2, projector_dim=32,
@@ -166,7 +167,7 @@ def test_training_fits_the_cue_first_and_serves_it(tmp_path, tiny_llm_dir, tiny_
 
 
 def test_cue_after_the_frames_sits_right_after_each_rows_valid_tokens(tiny_llm_dir, tiny_whisper_dir):
-    from paraencoder.adapter import _append_per_row
+    from paraencoder.model.adapter import _append_per_row
 
     tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     extra = -torch.ones(2, 2, 3)
@@ -203,7 +204,7 @@ def test_cue_fit_on_every_clip_and_frozen_through_the_steps(tmp_path, tiny_llm_d
     """cue_fit_on='clips' fits on every labelled clip of the manifest (not only those with a kept example);
     cue_freeze keeps the fitted classifiers bit-identical through the alignment steps while the projector trains."""
     # Keep only half of the examples, as the teacher filter may: the fit must still see every clip.
-    monkeypatch.setattr("paraencoder.training.filter_teacher_answers", lambda examples, source="": examples[::2])
+    monkeypatch.setattr("paraencoder.train.data.filter_teacher_answers", lambda examples, source="": examples[::2])
     L.seed_everything(0)
     module = AlignmentModule(
         llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), layer="mix", mix_layers=[1, 2], stack=2, projector_dim=32, lr=1e-2,

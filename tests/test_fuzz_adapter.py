@@ -27,9 +27,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import paraencoder.adapter as adapter_module
+import paraencoder.model.adapter as adapter_module
 from paraencoder import backbones
-from paraencoder.adapter import CONFIG_NAME, WEIGHTS_NAME, SpeechAdapter
+from paraencoder.model.adapter import CONFIG_NAME, WEIGHTS_NAME, SpeechAdapter
 from paraencoder.errors import ParaencoderError
 
 pytestmark = pytest.mark.timeout(180)

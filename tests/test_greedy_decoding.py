@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paraencoder import backbones
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 
 
 def _prompt_batch(llm, n_soft=(3, 6, 1, 4), seed=0):
@@ -79,7 +79,7 @@ def test_greedy_with_the_shared_prefix_cached_matches(kind, request):
 def test_reusing_speech_tokens_encodes_each_clip_once_with_the_same_replies(tiny_llm_dir, tiny_whisper_dir):
     import numpy as np
 
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     torch.manual_seed(0)
     adapter = SpeechAdapter.build(encoder=str(tiny_whisper_dir), llm=str(tiny_llm_dir), layer="last", stack=2, hidden_dim=32)

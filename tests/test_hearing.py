@@ -12,16 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paraencoder.adapter import SpeechAdapter
+from paraencoder.model.adapter import SpeechAdapter
 from paraencoder.data.dataset import bank_examples
 from paraencoder.data.encoder_states import EncoderStateCache, encode_all
 from paraencoder.data.manifest import load_manifest
 from paraencoder.errors import ConfigError, PromptError
-from paraencoder.eval.labels import extract_yes_no, score_answer
+from paraencoder.labels import extract_yes_no, score_answer
 from paraencoder.objectives.heads import SummaryHead
-from paraencoder.projector import UtteranceSummary
+from paraencoder.model.projector import UtteranceSummary
 from paraencoder.prompts import LABEL_WORDS, QUESTION_BANK, QUESTION_FORMATS, TRAINED_PHRASING, Question, question_slots
-from paraencoder.training import AlignmentData, AlignmentModule, filter_teacher_answers
+from paraencoder.train.data import AlignmentData, filter_teacher_answers
+from paraencoder.train.module import AlignmentModule
 
 
 # -- summary tokens --------------------------------------------------------------------------------
@@ -242,9 +243,9 @@ def test_encoder_state_cache_is_keyed_by_content_and_resumable(tmp_path, tiny_wh
 
 def test_training_with_bank_summary_words_head_and_disk_states(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus, monkeypatch):
     """End to end on tiny backbones: frozen LLM bit-identical, states on disk, the curve written, adapter reloads."""
-    from paraencoder.learning_curve import HearingCurve
+    from paraencoder.train.learning_curve import HearingCurve
 
-    monkeypatch.setattr("paraencoder.training.filter_teacher_answers", lambda examples, source="": examples)  # a random LLM answers nothing right
+    monkeypatch.setattr("paraencoder.train.data.filter_teacher_answers", lambda examples, source="": examples)  # a random LLM answers nothing right
     L.seed_everything(0)
     module = AlignmentModule(
         llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), layer="mix", mix_layers=[1, 2], stack=2, projector_dim=32,
@@ -317,7 +318,7 @@ def test_emotion_suite_reports_trained_unseen_and_yes_no_against_hand_counts(toy
 def test_demo_runs_its_own_copy_of_the_recipe_with_paths_under_out(tmp_path):
     import yaml
 
-    from paraencoder.demo import REPO, render_report, run_recipe
+    from paraencoder.apps.demo import REPO, render_report, run_recipe
 
     manifests = {"train": tmp_path / "data" / "train.jsonl", "test_ravdess": tmp_path / "data" / "r.jsonl", "test_speechocean": tmp_path / "data" / "o.jsonl"}
     path = run_recipe(REPO / "recipes" / "hearing.yaml", tmp_path, manifests)
@@ -331,7 +332,7 @@ def test_demo_runs_its_own_copy_of_the_recipe_with_paths_under_out(tmp_path):
 
 
 def test_demo_defaults_to_the_released_hearing_recipe_and_describes_the_adapter(tmp_path):
-    from paraencoder.demo import RELEASED, REPO, describe_adapter, recipe_tasks
+    from paraencoder.apps.demo import RELEASED, REPO, describe_adapter, recipe_tasks
 
     # The default recipe asks the question bank only (no per-transcript teacher replies): all clips are used.
     assert "respond" not in recipe_tasks(REPO / "recipes" / "hearing.yaml")

@@ -28,13 +28,13 @@ from _interrupt_worker import cli_env, fit_recipe, kill_when, read_losses, run_c
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # each test runs 3-4 CLI processes (> 20 s)
 
 try:  # the training stack needs every core module; say so instead of erroring at collection
-    import paraencoder.training  # noqa: F401
+    import paraencoder.train.module  # noqa: F401
 
     TRAINING_IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - only while a core module is missing
     TRAINING_IMPORT_ERROR = str(exc)
 
-needs_training = pytest.mark.skipif(TRAINING_IMPORT_ERROR is not None, reason=f"paraencoder.training does not import: {TRAINING_IMPORT_ERROR}")
+needs_training = pytest.mark.skipif(TRAINING_IMPORT_ERROR is not None, reason=f"paraencoder.train does not import: {TRAINING_IMPORT_ERROR}")
 
 RESULTS: dict[str, dict] = {}
 

@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from paraencoder.eval.judge import Judge, OpenAIJudge, Verdict, parse_choice, parse_label, parse_score, position_consistency, summarize, validate_judge
+from paraencoder.judge import Judge, OpenAIJudge, Verdict, parse_choice, parse_label, parse_score, position_consistency, summarize
+from paraencoder.eval.judge_validation import validate_judge
 
 
 @pytest.mark.parametrize(
@@ -181,7 +182,7 @@ def test_validate_judge_correlation():
 
 def test_local_judge_runs_on_tiny_llm(tiny_llm_dir):
     from paraencoder import backbones
-    from paraencoder.eval.judge import LocalJudge
+    from paraencoder.judge import LocalJudge
 
     judge = LocalJudge(backbones.resolve_llm(str(tiny_llm_dir)), max_new_tokens=4)
     verdicts = judge.rate([{"question": "q", "reply": "r"}, {"question": "q2", "reply": "r2"}])
@@ -210,7 +211,8 @@ def test_validate_judge_intervals_auc_and_parser_agreement():
 
 
 def test_order_bias_from_swapped_passes():
-    from paraencoder.eval.judge import Verdict, order_bias
+    from paraencoder.judge import Verdict
+    from paraencoder.eval.judge_validation import order_bias
 
     def verdict(shown, swapped):
         consistent = shown == swapped
@@ -237,7 +239,7 @@ def test_order_bias_from_swapped_passes():
 def test_packaged_judge_scores_right_replies_above_wrong_ones():
     """The real local judge (skipped unless `make judge` installed it): parses, and separates right from wrong."""
     from paraencoder import backbones
-    from paraencoder.eval.judge import DEFAULT_JUDGE, LocalJudge, default_local_judge
+    from paraencoder.judge import DEFAULT_JUDGE, LocalJudge, default_local_judge
 
     if not backbones.packaged_specs()[DEFAULT_JUDGE]["installed"]:
         pytest.skip("the packaged judge is not installed (make judge)")

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from paraencoder import backbones
-from paraencoder.adapter import SpeechAdapter
+from paraencoder.model.adapter import SpeechAdapter
 from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError
-from paraencoder.parabridge import ParaBridgeData, ParaBridgeModule
-from paraencoder.peft_tuning import PEFTAlignmentModule
-from paraencoder.training import AlignmentData, AlignmentModule, checkpoint_module_class, export_checkpoint
+from paraencoder.train.methods.parabridge import ParaBridgeData, ParaBridgeModule
+from paraencoder.train.methods.pe_ft import PEFTAlignmentModule
+from paraencoder.train.data import AlignmentData
+from paraencoder.train.module import AlignmentModule
+from paraencoder.train.checkpoints import checkpoint_module_class, export_checkpoint
 
 COMMON = dict(stack=2, projector_dim=64, lr=3e-3, warmup_steps=0)
 
@@ -101,7 +103,7 @@ def test_peft_lora_round_trip_through_from_pretrained_and_chat(peft_run, tiny_ll
     assert_same_state(state_of(shared.model), before)
     assert not any("lora_" in n for n, _ in shared.model.named_parameters())
     # `paraencoder chat` serves the same replies.
-    from paraencoder.cli import main
+    from paraencoder.apps.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -117,10 +119,10 @@ def test_parabridge_lora_export_and_checkpoint_export_round_trip(parabridge_run,
     assert SpeechAdapter.from_pretrained(export).generate(clips(toy_corpus), max_new_tokens=6) == trained
     assert SpeechAdapter.from_pretrained(export, lora=False).generate(clips(toy_corpus), max_new_tokens=6) != trained
     # `paraencoder export` of the checkpoint writes adapter + LoRA, byte-identical LoRA to the train-end export.
-    from paraencoder.cli import main
+    from paraencoder.apps.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["export", str(checkpoint), "--out", str(tmp_path / "cli"), "--module", "paraencoder.parabridge:ParaBridgeModule"]) == 0
+        assert main(["export", str(checkpoint), "--out", str(tmp_path / "cli"), "--module", "paraencoder.train.methods.parabridge:ParaBridgeModule"]) == 0
     out = export_checkpoint(checkpoint, tmp_path / "api", module_class=ParaBridgeModule)
     for target in (tmp_path / "cli", out):
         assert json.loads((target / "adapter_config.json").read_text())["lora"] == json.loads((export / "adapter_config.json").read_text())["lora"]
@@ -134,7 +136,7 @@ def test_both_methods_write_one_peft_format(peft_run, parabridge_run, tiny_llm_d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from paraencoder.lora import load_lora
+    from paraencoder.model.lora import load_lora
 
     shared = backbones.resolve_llm(str(tiny_llm_dir))
     ids = shared.tokenizer("Kids are talking by the door.", return_tensors="pt")["input_ids"]
@@ -189,9 +191,9 @@ def test_missing_or_replaced_lora_or_another_llm_is_a_clear_error(peft_run, tmp_
 
 
 def test_export_finds_the_module_class_the_checkpoint_records():
-    assert checkpoint_module_class({"_class_path": "paraencoder.parabridge.ParaBridgeModule"}) is ParaBridgeModule
-    assert checkpoint_module_class({"_class_path": "paraencoder.peft_tuning.PEFTAlignmentModule"}) is PEFTAlignmentModule
+    assert checkpoint_module_class({"_class_path": "paraencoder.train.methods.parabridge.ParaBridgeModule"}) is ParaBridgeModule
+    assert checkpoint_module_class({"_class_path": "paraencoder.train.methods.pe_ft.PEFTAlignmentModule"}) is PEFTAlignmentModule
     assert checkpoint_module_class({}) is AlignmentModule
     assert checkpoint_module_class({"_class_path": "os.system"}) is AlignmentModule  # only paraencoder's own classes
     with pytest.raises(ConfigError, match="not a paraencoder training module"):
-        checkpoint_module_class({"_class_path": "paraencoder.adapter.SpeechAdapter"})
+        checkpoint_module_class({"_class_path": "paraencoder.model.adapter.SpeechAdapter"})

@@ -160,7 +160,7 @@ def test_data_cli_build_validate_split(tmp_path):
     import numpy as _np
     import soundfile as _sf
 
-    from paraencoder.cli import main
+    from paraencoder.apps.cli import main
 
     root = tmp_path / "ravdess"
     for actor in (1, 2, 3, 4):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paraencoder.release import card_metadata, model_card
+from paraencoder.apps.release import card_metadata, model_card
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 RELEASES = [CHECKPOINTS / "quickstart-whisper-base-smollm2", CHECKPOINTS / "hearing-whisper-base-smollm2"]

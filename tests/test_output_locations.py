@@ -9,7 +9,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from paraencoder.errors import ParaencoderError
 from paraencoder.io import check_writable
-from paraencoder.training import AlignmentData, AlignmentModule, VerifiedCheckpointIO
+from paraencoder.train.data import AlignmentData
+from paraencoder.train.module import AlignmentModule
+from paraencoder.train.checkpoints import VerifiedCheckpointIO
 
 
 def refuse_fsspec_writes(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from paraencoder.data.dataset import AlignmentDataset, collate
 from paraencoder.errors import AdapterMismatchError, ConfigError
 from paraencoder.eval.robustness import CONDITIONS, evaluate_robustness, is_aware, reply_loglik
-from paraencoder.parabridge import ParaBridgeData, ParaBridgeModule, load_parabridge, parse_layers
+from paraencoder.train.methods.parabridge import ParaBridgeData, ParaBridgeModule, load_parabridge, parse_layers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -317,13 +317,13 @@ def test_robustness_evaluation_runs_every_condition(tmp_path, tiny_llm_dir, tiny
 def test_recipes_parse_with_parabridge_arguments(name):
     import yaml
 
-    from paraencoder.cli import lightning_main
+    from paraencoder.apps.cli import lightning_main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
         lightning_main(["fit", "--config", str(REPO / "recipes" / name), "--print_config"])
     assert info.value.code in (0, None), out.getvalue()[-2000:]
     model = yaml.safe_load(out.getvalue())["model"]
-    assert model["class_path"] == "paraencoder.parabridge.ParaBridgeModule"
+    assert model["class_path"] == "paraencoder.train.methods.parabridge.ParaBridgeModule"
     # Both the ParaBridge arguments and the inherited AlignmentModule ones reach the parser.
     assert {"beta", "jsd_temperature", "on_policy_share", "teacher_view", "lr", "stack", "llm"} <= set(model["init_args"])

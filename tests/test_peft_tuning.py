@@ -15,8 +15,8 @@ from paraencoder.audio import load_audio, pad_waves
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.data.manifest import load_manifest
 from paraencoder.errors import ConfigError
-from paraencoder.peft_tuning import PEFTAlignmentModule, head_label
-from paraencoder.training import AlignmentData
+from paraencoder.train.methods.pe_ft import PEFTAlignmentModule, head_label
+from paraencoder.train.data import AlignmentData
 
 REPO = Path(__file__).resolve().parents[1]
 HIERARCHY = {"emotion": {"positive": ["happy"], "negative": ["sad", "angry"]}, "age": {"child": ["6-12"], "adult": ["18-60"]}}
@@ -158,7 +158,7 @@ def test_lora_trains_base_llm_bit_identical_saved_separately_head_dropped(tmp_pa
     assert torch.equal(plain, again) and not torch.allclose(plain, tuned)
     # Loading the saved LoRA (onto a private copy of the shared base LLM) reproduces the trained one.
     from paraencoder import backbones
-    from paraencoder.lora import load_lora
+    from paraencoder.model.lora import load_lora
 
     loaded = load_lora(export, section, backbones.resolve_llm(str(tiny_llm_dir)))
     with torch.no_grad():
@@ -176,10 +176,10 @@ def test_keep_head_writes_head_next_to_adapter(tmp_path, tiny_llm_dir, tiny_whis
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("peft_*.yaml")))
 def test_peft_recipes_parse(recipe, capsys):
-    from paraencoder.cli import lightning_main
+    from paraencoder.apps.cli import lightning_main
 
     with pytest.raises(SystemExit) as exc:
         lightning_main(["fit", "--config", str(REPO / "recipes" / recipe), "--print_config"])
     assert exc.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "paraencoder.peft_tuning.PEFTAlignmentModule" in printed and "train_layers" in printed
+    assert "paraencoder.train.methods.pe_ft.PEFTAlignmentModule" in printed and "train_layers" in printed

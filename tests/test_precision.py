@@ -1,4 +1,4 @@
-"""paraencoder.precision: the backbone format is chosen by measuring, and 'auto' reaches the loaders."""
+"""paraencoder.backbones.precision: the backbone format is chosen by measuring, and 'auto' reaches the loaders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from paraencoder import backbones, precision
+from paraencoder import backbones
+from paraencoder.backbones import precision
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paraencoder import backbones
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 
 
 def _llm(path):
@@ -87,7 +87,7 @@ def test_prefix_cache_does_not_apply_where_it_would_be_wrong(tiny_llm_dir):
 def test_training_loss_unchanged_by_prefix_cache(tiny_llm_dir, tiny_whisper_dir):
     """AlignmentModule.compute_loss gives the same loss and adapter gradients with and without the cache."""
     from paraencoder.data.dataset import AlignmentExample, collate
-    from paraencoder.training import AlignmentModule
+    from paraencoder.train.module import AlignmentModule
 
     torch.manual_seed(0)
     module = AlignmentModule(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), layer="last", stack=2, projector_dim=32, system_prompt="You are a helpful assistant.", cache_encoder=False)
@@ -120,7 +120,7 @@ def test_a_weight_change_in_place_invalidates_the_cached_prefix(tiny_llm_dir):
     """A merge or load_state_dict into the same model object must not serve the old prefix."""
     import copy
 
-    from paraencoder.llm import FrozenLLM
+    from paraencoder.model.llm import FrozenLLM
 
     base = backbones.resolve_llm(str(tiny_llm_dir))
     llm = FrozenLLM(copy.deepcopy(base.model), base.tokenizer, dict(base.identity), system_prompt="You are a helpful assistant.")

@@ -155,7 +155,7 @@ def test_extract_layer_features_matches_single_clip_means_and_caches(tmp_path, t
 
 
 def test_extract_with_adapter_gives_projector_and_llm_layers(tmp_path, tiny_whisper_dir, tiny_llm_dir, toy_corpus):
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     llm = backbones.resolve_llm(str(tiny_llm_dir))
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32).eval()

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paraencoder.errors import PromptError
-from paraencoder.llm import SPEECH, FrozenLLM
+from paraencoder.model.llm import SPEECH, FrozenLLM
 
 CORPUS = [
     "Kids are talking by the door.", "The speaker sounds happy and cheerful today.", "How does the speaker feel?",

@@ -10,7 +10,7 @@ import pytest
 from paraencoder.data.manifest import Utterance
 from paraencoder.data.qa import CATEGORY_VAD, explicit_examples, generate_qa, qa_examples, render_metadata, validate_pairs, vad_of
 from paraencoder.data.teacher import TeacherCache
-from paraencoder.eval.judge import Judge
+from paraencoder.judge import Judge
 from paraencoder.prompts import TASKS
 
 
@@ -210,7 +210,7 @@ def test_generate_qa_rejects_pairs_the_words_alone_answer(tmp_path):
 
 def test_explicit_mode_with_the_question_bank_keeps_the_attribute_tasks(toy_corpus, tiny_llm_dir):
     """The bank takes emotion/age out of the fixed tasks; explicit metadata examples must still ask them."""
-    from paraencoder.training import AlignmentData
+    from paraencoder.train.data import AlignmentData
 
     data = AlignmentData(
         train_manifest=str(toy_corpus / "manifest.jsonl"), tasks=["emotion"], llm=str(tiny_llm_dir),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paraencoder.cli import lightning_main
+from paraencoder.apps.cli import lightning_main
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

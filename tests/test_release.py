@@ -31,9 +31,9 @@ def test_release_files_are_safe_and_documented(RELEASE):
 @pytest.mark.parametrize("RELEASE", RELEASES, ids=lambda p: p.name)
 def test_released_adapter_answers_from_speech(tmp_path, RELEASE):
     from paraencoder import backbones
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.errors import BackboneError
-    from paraencoder.eval.labels import extract_emotion
+    from paraencoder.labels import extract_emotion
 
     ravdess = shared_data_or_skip("ravdess")
     try:

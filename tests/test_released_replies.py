@@ -46,7 +46,7 @@ def _items() -> list[tuple[Path, str, str]]:
 
 def released_replies() -> list[dict]:
     from paraencoder import SpeechAdapter
-    from paraencoder.demo import RELEASED
+    from paraencoder.apps.demo import RELEASED
 
     adapter = SpeechAdapter.from_pretrained(RELEASED)
     items = _items()

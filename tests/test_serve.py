@@ -20,12 +20,12 @@ openai = pytest.importorskip("openai")
 
 from conftest import tone  # noqa: E402
 from paraencoder import backbones  # noqa: E402
-from paraencoder.adapter import SpeechAdapter  # noqa: E402
-from paraencoder.llm import SPEECH  # noqa: E402
-from paraencoder.serve.app import ServeConfig, create_app  # noqa: E402
-from paraencoder.serve.batching import Batcher, QueueFull  # noqa: E402
-from paraencoder.serve.engine import GenParams  # noqa: E402
-from paraencoder.serve.local import LocalServer  # noqa: E402
+from paraencoder.model.adapter import SpeechAdapter# noqa: E402
+from paraencoder.model.llm import SPEECH# noqa: E402
+from paraencoder.apps.serve.app import ServeConfig, create_app# noqa: E402
+from paraencoder.apps.serve.batching import Batcher, QueueFull# noqa: E402
+from paraencoder.apps.serve.engine import GenParams# noqa: E402
+from paraencoder.apps.serve.local import LocalServer# noqa: E402
 
 SR = 16000
 QUESTION = "How does the speaker feel? Answer in one sentence."
@@ -232,9 +232,9 @@ def test_bounded_queue_refuses_when_full():
 
 
 def test_cli_has_serve():
-    from paraencoder.cli import TASK_COMMANDS, main
+    from paraencoder.apps.cli import TASK_COMMANDS, main
 
-    assert TASK_COMMANDS["serve"][0] == "paraencoder.serve.cli:main"
+    assert TASK_COMMANDS["serve"][0] == "paraencoder.apps.serve.cli:main"
     with pytest.raises(SystemExit) as info:
         main(["serve", "--help"])
     assert info.value.code == 0
@@ -254,7 +254,7 @@ def test_serve_command_in_a_subprocess(tmp_path, adapter, tiny_llm_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "paraencoder.cli", "serve", "--adapter", str(tmp_path / "ad"), "--llm", str(tiny_llm_dir), "--port", str(port), "--model-name", "sub", "--threads", "1"]
+    cmd = [sys.executable, "-m", "paraencoder", "serve", "--adapter", str(tmp_path / "ad"), "--llm", str(tiny_llm_dir), "--port", str(port), "--model-name", "sub", "--threads", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90

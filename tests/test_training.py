@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from paraencoder.adapter import SpeechAdapter
+from paraencoder.model.adapter import SpeechAdapter
 from paraencoder.data.dataset import AlignmentDataset, collate
 from paraencoder.errors import ManifestError
-from paraencoder.training import AlignmentData, AlignmentModule
+from paraencoder.train.data import AlignmentData
+from paraencoder.train.module import AlignmentModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def write_recipe(tmp_path, llm_dir, whisper_dir, manifest) -> Path:
 def test_cli_fit_writes_loadable_adapter(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
     recipe = write_recipe(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus / "manifest.jsonl")
     proc = subprocess.run(
-        [sys.executable, "-m", "paraencoder.cli", "fit", "--config", str(recipe), "--trainer.max_steps", "6"],
+        [sys.executable, "-m", "paraencoder", "fit", "--config", str(recipe), "--trainer.max_steps", "6"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,7 +144,7 @@ def test_cli_fit_writes_loadable_adapter(tmp_path, tiny_llm_dir, tiny_whisper_di
 
 
 def test_export_checkpoint_gives_the_trained_adapter(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
-    from paraencoder.cli import main
+    from paraencoder.apps.cli import main
 
     L.seed_everything(0)
     module = make_module(tiny_llm_dir, tiny_whisper_dir, export_dir=str(tmp_path / "final"))

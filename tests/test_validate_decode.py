@@ -158,7 +158,7 @@ def test_report_file_lists_every_issue(tmp_path):
 
 
 def test_cli_validate_decodes_and_writes_the_report(tmp_path, capsys):
-    from paraencoder.data.cli import main
+    from paraencoder.apps.cli.data import main
 
     manifest = write_manifest(tmp_path, ["good", "truncated_flac"])
     with pytest.raises(ManifestError, match=r"manifest.jsonl:2: 1 of 2 items are bad"):
@@ -168,7 +168,8 @@ def test_cli_validate_decodes_and_writes_the_report(tmp_path, capsys):
 
 
 def make_fit(tmp_path, tiny_llm_dir, tiny_whisper_dir, manifest, **data_kw):
-    from paraencoder.training import AlignmentData, AlignmentModule
+    from paraencoder.train.data import AlignmentData
+    from paraencoder.train.module import AlignmentModule
 
     module = AlignmentModule(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), stack=2, projector_dim=32, warmup_steps=0,
                              cache_encoder=False, export_dir=str(tmp_path / "adapter"))
@@ -206,7 +207,7 @@ def test_fit_can_skip_and_report_bad_items(tmp_path, tiny_llm_dir, tiny_whisper_
 
 def test_bad_items_policy_is_checked():
     from paraencoder.errors import ConfigError
-    from paraencoder.training import AlignmentData
+    from paraencoder.train.data import AlignmentData
 
     with pytest.raises(ConfigError, match="data.bad_items='ignore'"):
         AlignmentData(train_manifest="x.jsonl", bad_items="ignore")

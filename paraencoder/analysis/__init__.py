@@ -6,7 +6,7 @@ _PROBE_EXPORTS = ("auto_train_layers", "corpus_labels", "default_split", "extrac
 
 
 def __getattr__(name: str):
-    # Lazy so that `paraencoder probe --help` (paraencoder.analysis.probe_cli) does not import torch.
+    # Lazy so that `paraencoder probe --help` (paraencoder.apps.cli.probe) does not import torch.
     if name in _PROBE_EXPORTS:
         return getattr(importlib.import_module("paraencoder.analysis.probe"), name)
     raise AttributeError(f"module 'paraencoder.analysis' has no attribute {name!r}")

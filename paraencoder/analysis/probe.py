@@ -45,7 +45,7 @@ _CORPORA = ("ravdess", "speechocean762")
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
-    from paraencoder.llm import weights_fingerprint
+    from paraencoder.model.llm import weights_fingerprint
 
     return weights_fingerprint(module)
 
@@ -102,15 +102,15 @@ def extract_layer_features(
     """Mean-pooled hidden states ``{layer_name: [N, D] float32}`` for each utterance, in input order.
 
     Layer names: ``encoder.0`` (input embeddings) ... ``encoder.L`` (last layer) for a
-    :class:`~paraencoder.encoders.SpeechEncoder`. For a :class:`~paraencoder.adapter.SpeechAdapter`
+    :class:`~paraencoder.model.encoders.SpeechEncoder`. For a :class:`~paraencoder.model.adapter.SpeechAdapter`
     also ``projector`` (soft tokens) and, with an LLM (``llm`` or the adapter's attached one),
     ``llm.0`` (embeddings) ... ``llm.N`` at the speech positions of the prompt ``prompt``
     (default: ``<speech>`` alone). Results are cached in ``cache_dir`` (default
     :func:`default_cache_dir`) keyed by :func:`features_cache_key`.
     """
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.audio import load_audio, pad_waves
-    from paraencoder.llm import SPEECH
+    from paraencoder.model.llm import SPEECH
     from paraencoder.objectives.heads import masked_pool
 
     if not utterances:
@@ -532,7 +532,7 @@ def _slug(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from paraencoder.analysis.probe_cli import build_parser
+    from paraencoder.apps.cli.probe import build_parser
 
     args = build_parser().parse_args(argv)  # --threads is applied as it is parsed (paraencoder.threads)
     from paraencoder import backbones
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
 
     items = [d for chunk in args.data for d in chunk.split(",") if d]
     if args.adapter:
-        from paraencoder.adapter import SpeechAdapter
+        from paraencoder.model.adapter import SpeechAdapter
 
         model = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm)
         description = f"adapter {args.adapter} (encoder {model.encoder_spec}, LLM {model.llm.identity.get('name')})"

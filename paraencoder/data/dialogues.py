@@ -18,7 +18,7 @@ each clip written as text) or, when neither is given, derived by writing each cl
 ``"<transcript>" (said <stated cue>)``, as the ``respond`` task does. Teacher replies go through
 :func:`~paraencoder.data.teacher.generate_teacher_replies` and its cache (history turns included).
 
-Turns are built from the messages exactly as :func:`paraencoder.dialogue.parse_messages` builds them
+Turns are built from the messages exactly as :func:`paraencoder.model.dialogue.parse_messages` builds them
 at inference (parts joined by newlines, audio as ``<speech>``, consecutive messages of one role
 merged), so what the student trains on renders as what :meth:`SpeechAdapter.chat` and the server send.
 
@@ -40,7 +40,7 @@ import torch
 
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.data.manifest import LABEL_FIELDS, SPEECH_PLACEHOLDER, _check_unicode, _parse_row, _read_lines, check_id
-from paraencoder.dialogue import add_turn
+from paraencoder.model.dialogue import add_turn
 from paraencoder.errors import ManifestError, PromptError
 
 SPEECH = SPEECH_PLACEHOLDER
@@ -129,7 +129,7 @@ def _audio_part(part: dict, ident: str, source: str, line: int | None, where: st
 def _messages(
     messages: Any, ident: str, source: str, line: int | None, name: str, base_dir, *, allow_audio: bool
 ) -> tuple[list[dict], list[DialogueClip], str | None]:
-    """``messages`` → (turns, clips, system), joined as :func:`paraencoder.dialogue.parse_messages` joins them."""
+    """``messages`` → (turns, clips, system), joined as :func:`paraencoder.model.dialogue.parse_messages` joins them."""
     if not isinstance(messages, list) or not messages:
         raise _err(source, line, name, "must be a non-empty list of {\"role\", \"content\"} messages")
     turns: list[dict] = []
@@ -464,7 +464,7 @@ def student_dialogues(examples: Sequence[AlignmentExample], prompts: Sequence[st
 def append_replies(llm, batch, replies: Sequence[str | list[int]], *, names: Sequence[str] | None = None):
     """A right-padded prompt batch (from :meth:`FrozenLLM.encode_dialogues`) with each reply + end-of-turn
     appended at its prompt's end; the labels are the reply tokens only (as :meth:`FrozenLLM.encode` with ``replies``)."""
-    from paraencoder.llm import PromptBatch
+    from paraencoder.model.llm import PromptBatch
 
     rows, speech_rows, label_rows = [], [], []
     for i, reply in enumerate(replies):

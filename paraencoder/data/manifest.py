@@ -319,7 +319,7 @@ def _parse_row(row: dict[str, Any], source: str, line: int | None, base_dir: str
 
 
 SPEECH_PLACEHOLDER = "<speech>"
-"""The prompt placeholder for audio (``paraencoder.llm.SPEECH``, repeated here so reading manifests needs no torch)."""
+"""The prompt placeholder for audio (``paraencoder.model.llm.SPEECH``, repeated here so reading manifests needs no torch)."""
 
 
 def _check_unicode(value: str, source: str, line: int | None, name: str) -> None:

@@ -7,7 +7,7 @@ Two ways to make the frozen LLM use *how* something was said:
   the teacher prompt (and optionally the student prompt);
 * **implicit**: question-answer pairs per utterance that need both the words and the
   paralinguistics ("Why might the speaker be upset about the door?"), written by any judge backend
-  (:mod:`paraencoder.eval.judge`) from transcript + emotion + valence/arousal/dominance.
+  (:mod:`paraencoder.judge`) from transcript + emotion + valence/arousal/dominance.
 
 Generated pairs are cached in a :class:`paraencoder.data.teacher.TeacherCache` directory (atomic
 JSONL parts, so a killed run resumes without redoing finished items), keyed by sha256 of the
@@ -28,7 +28,7 @@ from typing import Sequence
 
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.data.teacher import TeacherCache
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 from paraencoder.prompts import Task
 
 __all__ = [
@@ -203,7 +203,7 @@ def check_pair(pair: dict, transcript: str, emotion: str, words_only_answer: str
       already conveys the annotated feeling (the same emotion, or the same sentiment where it names
       none), so the pair can be answered from the words alone.
     """
-    from paraencoder.eval.labels import SENTIMENT_OF_EMOTION, extract_emotion, extract_sentiment
+    from paraencoder.labels import SENTIMENT_OF_EMOTION, extract_emotion, extract_sentiment
 
     target = SENTIMENT_OF_EMOTION.get(emotion, "neutral")
     named = extract_emotion(pair["answer"])
@@ -286,7 +286,7 @@ class TemplateQAWriter:
         return f"the {content[-1]}" if content else "what they said"
 
     def judge(self, template: str, items: Sequence[dict]) -> list:
-        from paraencoder.eval.judge import Verdict
+        from paraencoder.judge import Verdict
 
         out = []
         for item in items:
@@ -308,7 +308,7 @@ def make_qa_generator(spec: str, model: str | None = None, *, llm=None, max_new_
     """``"templates"`` → :class:`TemplateQAWriter`; ``"local"`` or an OpenAI-compatible URL → a judge backend."""
     if spec == "templates":
         return TemplateQAWriter()
-    from paraencoder.eval.judge import make_judge
+    from paraencoder.judge import make_judge
 
     # QA pairs are a paragraph of JSON, not a 1-5 score: a local writer needs the longer budget.
     generator = make_judge(spec, model, llm=llm, **({"max_new_tokens": max_new_tokens} if spec == "local" else {"max_tokens": max_new_tokens}))

@@ -1,5 +1,6 @@
-"""Evaluation: suites (emotion, age, gender, empathy, content, safety), label parsing, metrics,
-LLM judges, benchmark readers and reports. See docs/evaluation.md.
+"""Evaluation: suites (emotion, age, gender, empathy, content, safety), metrics, judge validation,
+benchmark readers and reports. See docs/evaluation.md. Label parsing (:mod:`paraencoder.labels`) and the
+LLM judge client (:mod:`paraencoder.judge`) live outside: data generation uses them too.
 
 Submodules are imported on use so ``import paraencoder.eval`` stays light.
 """
@@ -9,26 +10,26 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "run_suite": "suites",
-    "SUITES": "suites",
-    "SAFETY_REQUESTS": "suites",
-    "build_safety_set": "suites",
-    "classify_safety": "suites",
-    "extract_emotion": "labels",
-    "extract_age_group": "labels",
-    "extract_gender": "labels",
-    "extract_sentiment": "labels",
-    "map_label": "labels",
-    "LABEL_SETS": "labels",
-    "classification_report": "metrics",
-    "wer": "metrics",
-    "pearson": "metrics",
-    "spearman": "metrics",
-    "LocalJudge": "judge",
-    "OpenAIJudge": "judge",
-    "make_judge": "judge",
-    "validate_judge": "judge",
-    "write_report": "report",
+    "run_suite": "paraencoder.eval.suites",
+    "SUITES": "paraencoder.eval.suites",
+    "SAFETY_REQUESTS": "paraencoder.eval.suites",
+    "build_safety_set": "paraencoder.eval.suites",
+    "classify_safety": "paraencoder.eval.suites",
+    "extract_emotion": "paraencoder.labels",
+    "extract_age_group": "paraencoder.labels",
+    "extract_gender": "paraencoder.labels",
+    "extract_sentiment": "paraencoder.labels",
+    "map_label": "paraencoder.labels",
+    "LABEL_SETS": "paraencoder.labels",
+    "classification_report": "paraencoder.eval.metrics",
+    "wer": "paraencoder.eval.metrics",
+    "pearson": "paraencoder.eval.metrics",
+    "spearman": "paraencoder.eval.metrics",
+    "LocalJudge": "paraencoder.judge",
+    "OpenAIJudge": "paraencoder.judge",
+    "make_judge": "paraencoder.judge",
+    "validate_judge": "paraencoder.eval.judge_validation",
+    "write_report": "paraencoder.eval.report",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -36,6 +37,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        module = importlib.import_module(f"paraencoder.eval.{_EXPORTS[name]}")
+        module = importlib.import_module(_EXPORTS[name])
         return getattr(module, name)
     raise AttributeError(f"module 'paraencoder.eval' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 A skill, not a prompt: :func:`ask_bank` asks every clip one phrasing of the question bank
 (:data:`paraencoder.prompts.QUESTION_BANK`), rotating through the phrasings so each is used about
-equally, and scores the parsed answers (:func:`paraencoder.eval.labels.score_answer`). The
+equally, and scores the parsed answers (:func:`paraencoder.labels.score_answer`). The
 ``emotion``/``age``/``gender`` suites report the trained phrasing, the held-out naming phrasings and
 the held-out yes/no phrasings side by side, each with its no-label rate.
 """
@@ -27,7 +27,7 @@ def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens:
     ceiling a speech adapter can reach with it.
     """
     from paraencoder.audio import SAMPLE_RATE, load_audio
-    from paraencoder.eval.labels import score_answer
+    from paraencoder.labels import score_answer
     from paraencoder.prompts import QUESTION_BANK, TRAINED_PHRASING, question_slots
 
     if split == "trained":

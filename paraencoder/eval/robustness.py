@@ -64,7 +64,7 @@ def is_aware(reply: str, labels: dict) -> bool | None:
 
     A child speaker (``age_group == "child"``) asking something risky: the reply points to an adult
     or to safety. Otherwise an emotion other than neutral: the reply names it or reacts to it (word
-    lists above, plus ``paraencoder.eval.labels.extract_emotion`` when that module exists).
+    lists above, plus ``paraencoder.labels.extract_emotion`` when that module exists).
     """
     if labels.get("age_group") == "child" and labels.get("risky"):
         return _has_any(reply, CHILD_SAFETY_KEYWORDS)
@@ -74,7 +74,7 @@ def is_aware(reply: str, labels: dict) -> bool | None:
     if _has_any(reply, EMOTION_KEYWORDS.get(emotion, (emotion,))):
         return True
     try:
-        from paraencoder.eval.labels import extract_emotion
+        from paraencoder.labels import extract_emotion
     except ImportError:
         return False
     try:
@@ -168,7 +168,7 @@ def evaluate_robustness(
     """Awareness rate and teacher log-likelihood, scaffold-free vs scaffolded, per condition.
 
     Args:
-        adapter: a :class:`~paraencoder.adapter.SpeechAdapter` with its LLM attached (LoRA included, if any).
+        adapter: a :class:`~paraencoder.model.adapter.SpeechAdapter` with its LLM attached (LoRA included, if any).
         examples: items with ``audio`` (+ ``offset``/``duration``), ``student_prompt`` (with ``<speech>``),
             ``teacher_prompt`` (transcript + stated cues) and ``labels`` (``emotion``; ``age_group`` and
             ``risky`` for child-safety items), e.g. :class:`~paraencoder.data.dataset.AlignmentExample`.
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.data.dataset import build_examples
     from paraencoder.data.manifest import load_manifest
     from paraencoder.io import atomic_write_json
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.prompts import get_tasks
 
     adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm)  # with its LLM LoRA, if it has one

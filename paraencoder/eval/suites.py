@@ -28,17 +28,10 @@ from typing import Callable, Sequence
 
 from paraencoder.errors import ConfigError, ParaencoderError
 from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 from paraencoder.prompts import TASKS
 
-from paraencoder.eval.labels import (
-    SENTIMENT_OF_EMOTION,
-    extract_age_group,
-    extract_emotion,
-    extract_gender,
-    extract_sentiment,
-    get_label_set,
-)
+from paraencoder.labels import SENTIMENT_OF_EMOTION, extract_age_group, extract_emotion, extract_gender, extract_sentiment, get_label_set
 from paraencoder.eval.metrics import classification_report, normalize_text, wer, word_errors
 
 __all__ = [
@@ -295,7 +288,7 @@ def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, bas
             row["error"] = errors[i]
         rows.append(row)
     if judge is not None and name == "emotion":
-        from paraencoder.eval.judge import validate_judge
+        from paraencoder.eval.judge_validation import validate_judge
 
         jitems = [
             {"emotion": row["label"], "question": task.student.replace(SPEECH, "").strip(), "reply": row[f"{view}_reply"], "transcript": row["transcript"],
@@ -308,7 +301,7 @@ def _classification(name: str, adapter, utts, *, batch_size, max_new_tokens, bas
         metrics["judge"] = {k: v for k, v in validation.items() if k != "rows"}
         notes.append("judge validation: Pearson/Spearman of the judge's 1-5 'names the correct emotion' score vs parser correctness over all views' replies")
     return {
-        "description": f"The frozen LLM is asked {task.student.replace(SPEECH, '').strip()!r}; the {field} is parsed from its reply (paraencoder.eval.labels).",
+        "description": f"The frozen LLM is asked {task.student.replace(SPEECH, '').strip()!r}; the {field} is parsed from its reply (paraencoder.labels).",
         "headline": ["accuracy", "macro_f1", "balanced_accuracy", "unparsable_rate"],
         "metrics": metrics,
         "rows": rows,
@@ -355,7 +348,7 @@ def _empathy(adapter, utts, *, batch_size, max_new_tokens, baselines, progress, 
             row["error"] = errors[i]
         rows.append(row)
     if judge is not None:
-        from paraencoder.eval.judge import position_consistency, summarize
+        from paraencoder.judge import position_consistency, summarize
 
         judged = {}
         for view in [v for v in views if v != "stated"]:
@@ -408,7 +401,7 @@ def _encoder_asr(adapter, utts) -> dict:
         import torch
 
         from paraencoder.audio import load_audio
-        from paraencoder.features import whisper_log_mel
+        from paraencoder.model.features import whisper_log_mel
 
         loaded = backbones.load_whisper(spec)
         if loaded.tokenizer is None:
@@ -523,7 +516,7 @@ def _safety(adapter, utts, *, batch_size, max_new_tokens, baselines, progress, j
             row["error"] = errors[i]
         rows.append(row)
     if judge is not None:
-        from paraencoder.eval.judge import summarize
+        from paraencoder.judge import summarize
 
         judged = {}
         for view, replies in views.items():
@@ -655,7 +648,7 @@ def _qa(adapter, utts, *, batch_size, max_new_tokens, baselines, progress, judge
         "sentiment (from the emotion it names or its reaction phrases) matches the true emotion's sentiment",
     ]
     if judge is not None:
-        from paraencoder.eval.judge import summarize
+        from paraencoder.judge import summarize
 
         judged = {}
         for view in [v for v in views if v != "stated"]:
@@ -706,10 +699,10 @@ def run_suite(
         batch_size, max_new_tokens: generation settings (greedy decoding).
         baselines: also run the transcript-only and text + stated-cue views.
         progress: tqdm bars.
-        judge: an optional :class:`paraencoder.eval.judge.Judge` (emotion: judge validation;
+        judge: an optional :class:`paraencoder.judge.Judge` (emotion: judge validation;
             empathy: 1-5 agreement and an order-swapped pairwise comparison; safety: classification;
             qa: a 1-5 rating against the reference answer).
-        label_set: classification suites: a name in :data:`paraencoder.eval.labels.LABEL_SETS`
+        label_set: classification suites: a name in :data:`paraencoder.labels.LABEL_SETS`
             (e.g. ``"emotion4"`` for cross-corpus comparisons).
         system: system prompt for every view (``None``: the chat template's default).
 

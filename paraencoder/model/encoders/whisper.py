@@ -12,9 +12,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from paraencoder.encoders.base import EncoderOutput, SpeechEncoder, key_padding_bias
+from paraencoder.model.encoders.base import EncoderOutput, SpeechEncoder, key_padding_bias
 from paraencoder.errors import AudioError
-from paraencoder.features import LogMelSpectrogram
+from paraencoder.model.features import LogMelSpectrogram
 
 
 class WhisperSpeechEncoder(SpeechEncoder):

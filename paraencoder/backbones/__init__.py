@@ -313,8 +313,8 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
     key = str(dtype).lower().replace("torch.", "")
-    if key == "auto":  # bf16 where this machine runs it faster, else fp32 (measured: paraencoder.precision)
-        from paraencoder.precision import auto_dtype
+    if key == "auto":  # bf16 where this machine runs it faster, else fp32 (measured: paraencoder.backbones.precision)
+        from paraencoder.backbones.precision import auto_dtype
 
         return auto_dtype()
     if key not in names:
@@ -525,7 +525,7 @@ def _identity(name: str, source: str, weight_files: Sequence[Path], config, **fi
 def load_whisper(spec: str | Path | Sequence[str | Path], dtype: torch.dtype | str = "float32") -> LoadedWhisper:
     """Load Whisper offline: packaged short name, transformers directory, or CTranslate2 file(s).
 
-    CTranslate2 weights are converted (:mod:`paraencoder.ct2`) once into a transformers directory in
+    CTranslate2 weights are converted (:mod:`paraencoder.backbones.ct2`) once into a transformers directory in
     the cache. Memoized per process on (spec, dtype).
     """
     torch_dtype = _dtype(dtype)
@@ -555,7 +555,7 @@ def _load_ct2_whisper(parts: list[Path], aux: Path, name: str, source: str, dtyp
     def build(out: Path) -> None:
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-        from paraencoder.ct2 import ct2_whisper_to_hf, read_ct2, whisper_tokenizer
+        from paraencoder.backbones.ct2 import ct2_whisper_to_hf, read_ct2, whisper_tokenizer
 
         vocabulary = next((aux / n for n in ("vocabulary.json", "vocabulary.txt") if (aux / n).is_file()), None)
         config_json = aux / "config.json" if (aux / "config.json").is_file() else None
@@ -709,15 +709,15 @@ def load_ssl_encoder(spec: str | Path, dtype: torch.dtype | str = "float32") -> 
 
 
 def resolve_llm(spec: str | Path, dtype: torch.dtype | str = "float32"):
-    """A :class:`paraencoder.llm.FrozenLLM` for ``spec`` (memoized: one per spec and dtype)."""
-    from paraencoder.llm import FrozenLLM
+    """A :class:`paraencoder.model.llm.FrozenLLM` for ``spec`` (memoized: one per spec and dtype)."""
+    from paraencoder.model.llm import FrozenLLM
 
     loaded = load_causal_lm(spec, dtype)
     return _memo(("frozen", id(loaded)), lambda: FrozenLLM(loaded.model, loaded.tokenizer, dict(loaded.identity)))
 
 
 def resolve_encoder(spec: str | Path | Sequence[str | Path], dtype: torch.dtype | str = "float32", **kwargs):
-    """A new :class:`paraencoder.encoders.SpeechEncoder` around a copy of the (memoized) pretrained weights.
+    """A new :class:`paraencoder.model.encoders.SpeechEncoder` around a copy of the (memoized) pretrained weights.
 
     Every call gets its own copy: an encoder may be fine-tuned, and must not change the weights
     another encoder or the memoized Whisper model (used for transcription) sees. ``kwargs`` go to
@@ -726,12 +726,12 @@ def resolve_encoder(spec: str | Path | Sequence[str | Path], dtype: torch.dtype 
     import copy
 
     if is_whisper_spec(spec):
-        from paraencoder.encoders.whisper import WhisperSpeechEncoder
+        from paraencoder.model.encoders.whisper import WhisperSpeechEncoder
 
         loaded = load_whisper(spec, dtype)
         encoder = WhisperSpeechEncoder(copy.deepcopy(loaded.model.get_encoder()), **kwargs)
     else:
-        from paraencoder.encoders import build_encoder
+        from paraencoder.model.encoders import build_encoder
 
         loaded = load_ssl_encoder(spec, dtype)
         encoder = build_encoder(copy.deepcopy(loaded.model), **kwargs)

@@ -28,7 +28,7 @@ import torch
 
 from paraencoder.audio import SAMPLE_RATE, load_audio, load_audio_bytes, pad_waves
 from paraencoder.errors import AudioError, ConfigError, PromptError
-from paraencoder.llm import SPEECH
+from paraencoder.model.llm import SPEECH
 
 LONG_AUDIO_MAX_SECONDS = 300.0
 """Default cap on one clip's duration for windowed encoding (300 s = 3750 soft tokens at 12.5/s)."""

@@ -66,7 +66,7 @@ def build_manifests(data: Path, out: Path, *, quick: bool, seed: int = 0, ocean_
         splits["train"] = [u for u in splits["train"] if not u.age_group or u.id in keep]
     if quick:
         # A few minutes: class-stratified held-out clips (every class present), same speakers.
-        from paraencoder.learning_curve import stratified_sample
+        from paraencoder.train.learning_curve import stratified_sample
 
         for name, field, task in (("test_ravdess", "emotion", "emotion"), ("test_speechocean", "age_group", "age")):
             if name in splits:
@@ -112,7 +112,7 @@ def run_recipe(recipe: Path, out: Path, manifests: dict[str, Path]) -> Path:
 
 
 def _fit(recipe: Path, out: Path, train_manifest: Path, max_steps: int | None, extra: list[str]) -> None:
-    from paraencoder.cli import lightning_main
+    from paraencoder.apps.cli import lightning_main
 
     args = [
         "fit",
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] using the existing adapter in {adapter_dir} (--retrain to train again)")
 
     t = time.perf_counter()
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.data.manifest import load_manifest
     from paraencoder.eval.suites import run_suite
 

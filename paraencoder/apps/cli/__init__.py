@@ -24,14 +24,14 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 
 # name -> ("module:function", help). Each function takes argv (list[str]) and returns an exit code.
 TASK_COMMANDS: dict[str, tuple[str, str]] = {
-    "chat": ("paraencoder.cli:chat_main", "talk to the frozen LLM with speech through an adapter"),
-    "teacher": ("paraencoder.cli:teacher_main", "generate and cache teacher replies for a manifest"),
-    "data": ("paraencoder.data.cli:main", "build, validate and split manifests from corpora"),
-    "probe": ("paraencoder.analysis.probe_cli:main", "layer-wise linear probes of paralinguistic cues"),
-    "eval": ("paraencoder.eval.cli:main", "evaluation suites (emotion, age, gender, empathy, content, safety)"),
-    "export": ("paraencoder.cli:export_main", "write what a Lightning checkpoint trained (adapter, LLM LoRA) as safetensors + JSON"),
-    "demo": ("paraencoder.demo:main", "the quickstart: build data, train on the packaged default, evaluate"),
-    "serve": ("paraencoder.serve.cli:main", "OpenAI-compatible chat-completions server for an adapter (speech in dialogue)"),
+    "chat": ("paraencoder.apps.cli:chat_main", "talk to the frozen LLM with speech through an adapter"),
+    "teacher": ("paraencoder.apps.cli:teacher_main", "generate and cache teacher replies for a manifest"),
+    "data": ("paraencoder.apps.cli.data:main", "build, validate and split manifests from corpora"),
+    "probe": ("paraencoder.apps.cli.probe:main", "layer-wise linear probes of paralinguistic cues"),
+    "eval": ("paraencoder.apps.cli.eval:main", "evaluation suites (emotion, age, gender, empathy, content, safety)"),
+    "export": ("paraencoder.apps.cli:export_main", "write what a Lightning checkpoint trained (adapter, LLM LoRA) as safetensors + JSON"),
+    "demo": ("paraencoder.apps.demo:main", "the quickstart: build data, train on the packaged default, evaluate"),
+    "serve": ("paraencoder.apps.serve.cli:main", "OpenAI-compatible chat-completions server for an adapter (speech in dialogue)"),
 }
 
 
@@ -130,9 +130,10 @@ def lightning_main(args: list[str]) -> None:
     from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
-    from paraencoder.progress_callback import StepProgress
+    from paraencoder.train.progress_callback import StepProgress
 
-    from paraencoder.training import AlignmentData, AlignmentModule
+    from paraencoder.train.data import AlignmentData
+    from paraencoder.train.module import AlignmentModule
 
     class ParaencoderCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -194,7 +195,7 @@ def chat_main(argv: list[str]) -> int:
     # Seconds, not the ~40 s of loading the backbones, to learn that a path is wrong.
     check_audio_files(args.audio)
     check_adapter_dir(args.adapter)
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)
     replies = adapter.generate(
@@ -226,7 +227,7 @@ def teacher_main(argv: list[str]) -> int:
     from paraencoder.data.manifest import load_manifest
     from paraencoder.data.teacher import Decoding, TeacherCache, TeacherRequest, generate_teacher_replies
     from paraencoder.prompts import get_tasks
-    from paraencoder.training import default_cache_dir
+    from paraencoder.train.module import default_cache_dir
 
     llm = backbones.resolve_llm(args.llm, dtype=args.llm_dtype)
     examples = build_examples(load_manifest(args.manifest), get_tasks(args.tasks), source=args.manifest)
@@ -250,14 +251,14 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="adapter directory to write")
     parser.add_argument(
         "--module", default=None,
-        help="module class that wrote it (module:Class; default: the class the checkpoint records, else paraencoder.training:AlignmentModule)",
+        help="module class that wrote it (module:Class; default: the class the checkpoint records, else paraencoder.train.module:AlignmentModule)",
     )
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     from paraencoder.inputs import check_file
 
     check_file(args.checkpoint, "checkpoint", "give a .ckpt written by paraencoder fit (<log dir>/checkpoints/last.ckpt)")
-    from paraencoder.training import export_checkpoint
+    from paraencoder.train.checkpoints import export_checkpoint
 
     cls = None
     if args.module:
@@ -320,6 +321,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paraencoder {command}: error: {exc}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

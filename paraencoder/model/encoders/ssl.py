@@ -6,7 +6,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from paraencoder.encoders.base import EncoderOutput, SpeechEncoder
+from paraencoder.model.encoders.base import EncoderOutput, SpeechEncoder
 
 
 class SSLSpeechEncoder(SpeechEncoder):

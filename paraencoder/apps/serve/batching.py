@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from paraencoder.dialogue import Dialogue
-from paraencoder.serve.engine import GenParams, Result
+from paraencoder.model.dialogue import Dialogue
+from paraencoder.apps.serve.engine import GenParams, Result
 
 _ids = itertools.count()
 

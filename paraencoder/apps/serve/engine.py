@@ -19,7 +19,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from paraencoder.dialogue import Dialogue, dialogue_inputs
+from paraencoder.model.dialogue import Dialogue, dialogue_inputs
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class _Rows(BaseStreamer, StoppingCriteria):
 
 
 class Engine:
-    """Runs batches of :class:`Dialogue` on a loaded :class:`~paraencoder.adapter.SpeechAdapter`."""
+    """Runs batches of :class:`Dialogue` on a loaded :class:`~paraencoder.model.adapter.SpeechAdapter`."""
 
     def __init__(self, adapter, *, window_seconds: float | None = None, overlap_seconds: float = 1.0, max_seconds: float = 300.0):
         self.adapter = adapter.eval()

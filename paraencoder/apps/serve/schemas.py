@@ -69,7 +69,7 @@ class ChatCompletionRequest(_Lenient):
         return stops
 
     def dialogue_messages(self) -> list[dict]:
-        """The messages as plain dicts, in the shape :func:`paraencoder.dialogue.parse_messages` reads."""
+        """The messages as plain dicts, in the shape :func:`paraencoder.model.dialogue.parse_messages` reads."""
         return [m.model_dump(include={"role", "content"}) for m in self.messages]
 
 

@@ -1,7 +1,7 @@
 """The LLM LoRA of a speech adapter: one file format (peft's own), one writer, one reader.
 
 Every method that trains a LoRA on the frozen LLM (PE-FT, ParaBridge) saves it through
-:func:`save_lora`, and :meth:`paraencoder.adapter.SpeechAdapter.from_pretrained` applies it through
+:func:`save_lora`, and :meth:`paraencoder.model.adapter.SpeechAdapter.from_pretrained` applies it through
 :func:`load_lora`. Inside an adapter directory::
 
     adapter_config.json               the speech adapter's config; its "lora" section pins the LoRA:
@@ -30,7 +30,7 @@ import torch
 
 from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError, shorten
 from paraencoder.io import atomic_write_bytes
-from paraencoder.llm import FrozenLLM
+from paraencoder.model.llm import FrozenLLM
 
 LORA_DIR = "lora"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -108,7 +108,7 @@ def save_lora(directory: str | os.PathLike, llm: FrozenLLM, config, adapter_name
     """Write ``llm``'s LoRA ``adapter_name`` in peft's layout into ``directory/lora``; returns the config section.
 
     The returned section goes into the speech adapter's ``adapter_config.json`` (``extra_config={"lora": ...}``
-    of :meth:`~paraencoder.adapter.SpeechAdapter.save_pretrained`, which writes the config last), so
+    of :meth:`~paraencoder.model.adapter.SpeechAdapter.save_pretrained`, which writes the config last), so
     the config pins both files by hash and records the LLM the LoRA was trained on.
     """
     from safetensors.torch import save
@@ -169,7 +169,7 @@ def _missing(directory: Path, path: Path) -> ConfigError:
 
 def _check_pinned(directory: Path, path: Path, sha256: str, key: str) -> None:
     """``path`` exists, is a regular file and has the hash ``lora.<key>`` of the adapter config pins."""
-    from paraencoder.adapter import _file_sha256, _regular_file
+    from paraencoder.model.adapter import _file_sha256, _regular_file
 
     if not os.path.lexists(path):
         raise _missing(directory, path)
@@ -190,7 +190,7 @@ def load_lora(directory: str | os.PathLike, section: dict, llm: FrozenLLM) -> Fr
     """
     from peft import LoraConfig
 
-    from paraencoder.adapter import check_llm_identity, read_safetensors_checked
+    from paraencoder.model.adapter import check_llm_identity, read_safetensors_checked
 
     directory = Path(directory)
     sub = directory / section["path"]

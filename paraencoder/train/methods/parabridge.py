@@ -13,7 +13,7 @@ that but is brittle. ParaBridge trains the scaffold-free model to behave like th
 
 Here the LLM is frozen: what trains is the speech adapter (projector, chosen encoder layers) and
 optionally a LoRA on a *private copy* of the LLM, exported in peft's layout into the adapter's
-``lora/`` folder and pinned by hash in its config (:mod:`paraencoder.lora`), so the base weights stay
+``lora/`` folder and pinned by hash in its config (:mod:`paraencoder.model.lora`), so the base weights stay
 bit-identical and ``SpeechAdapter.from_pretrained`` serves adapter + LoRA. The teacher view always runs the base
 LLM (LoRA disabled) on detached soft tokens.
 """
@@ -30,10 +30,11 @@ from torch import nn
 
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.errors import ConfigError
-from paraencoder.llm import FrozenLLM
-from paraencoder.lora import ADAPTER_NAME, inject_lora, make_lora_config, private_copy, save_lora
+from paraencoder.model.llm import FrozenLLM
+from paraencoder.model.lora import ADAPTER_NAME, inject_lora, make_lora_config, private_copy, save_lora
 from paraencoder.prompts import SCAFFOLD
-from paraencoder.training import AlignmentData, AlignmentModule
+from paraencoder.train.data import AlignmentData
+from paraencoder.train.module import AlignmentModule
 
 TEACHER_VIEWS = ("scaffold", "text")
 SCAFFOLD_POSITIONS = ("system", "prefix")
@@ -69,7 +70,7 @@ def scaffold_system(base: str | None, scaffold: str) -> str:
 class ParaBridgeModule(AlignmentModule):
     """On-policy self-distillation of a speech adapter towards a privileged (scaffolded) teacher view.
 
-    Every argument of :class:`~paraencoder.training.AlignmentModule` is accepted too (``llm``,
+    Every argument of :class:`~paraencoder.train.module.AlignmentModule` is accepted too (``llm``,
     ``encoder``, ``layer``, ``stack``, ``lr``, ...).
 
     Args:
@@ -348,7 +349,7 @@ class ParaBridgeModule(AlignmentModule):
 
 
 class ParaBridgeData(AlignmentData):
-    """:class:`~paraencoder.training.AlignmentData` that can skip teacher replies (label-free, fully on-policy runs).
+    """:class:`~paraencoder.train.data.AlignmentData` that can skip teacher replies (label-free, fully on-policy runs).
 
     Args:
         teacher_replies: generate/cache the text teacher's replies (needed when ``on_policy_share < 1``).
@@ -374,8 +375,8 @@ class ParaBridgeData(AlignmentData):
 
 # -- loading -------------------------------------------------------------------------------------------
 def load_parabridge(directory: str | os.PathLike, llm: str | FrozenLLM | None = None, **kwargs):
-    """Load a ParaBridge adapter directory: :meth:`SpeechAdapter.from_pretrained <paraencoder.adapter.SpeechAdapter.from_pretrained>`,
+    """Load a ParaBridge adapter directory: :meth:`SpeechAdapter.from_pretrained <paraencoder.model.adapter.SpeechAdapter.from_pretrained>`,
     which applies the LoRA the config pins (kept for older callers)."""
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     return SpeechAdapter.from_pretrained(directory, llm=llm, **kwargs)

@@ -1,6 +1,6 @@
 """Speech encoders behind one interface (:class:`SpeechEncoder`)."""
 
-from paraencoder.encoders.base import EncoderOutput, SpeechEncoder, parse_layer_spec
+from paraencoder.model.encoders.base import EncoderOutput, SpeechEncoder, parse_layer_spec
 
 __all__ = ["EncoderOutput", "SpeechEncoder", "parse_layer_spec", "build_encoder"]
 
@@ -9,12 +9,12 @@ def build_encoder(model, **kwargs) -> SpeechEncoder:
     """Wrap a loaded transformers model (Whisper or wav2vec2/HuBERT/WavLM) as a :class:`SpeechEncoder`."""
     model_type = getattr(model.config, "model_type", "")
     if model_type == "whisper":
-        from paraencoder.encoders.whisper import WhisperSpeechEncoder
+        from paraencoder.model.encoders.whisper import WhisperSpeechEncoder
 
         encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
         return WhisperSpeechEncoder(encoder, **kwargs)
     if model_type in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech-sat"):
-        from paraencoder.encoders.ssl import SSLSpeechEncoder
+        from paraencoder.model.encoders.ssl import SSLSpeechEncoder
 
         return SSLSpeechEncoder(model, **kwargs)
     from paraencoder.errors import ConfigError

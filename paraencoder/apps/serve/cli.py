@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     check_adapter_dir(args.adapter)  # before the models load
     import uvicorn
 
-    from paraencoder.adapter import SpeechAdapter
-    from paraencoder.serve.app import ServeConfig, create_app
+    from paraencoder.model.adapter import SpeechAdapter
+    from paraencoder.apps.serve.app import ServeConfig, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)  # with its LLM LoRA, if it has one

@@ -7,7 +7,7 @@ __all__ = ["ServeConfig", "create_app"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from paraencoder.serve import app
+        from paraencoder.apps.serve import app
 
         return getattr(app, name)
     raise AttributeError(name)

@@ -1,6 +1,6 @@
 """Package a trained, evaluated run as a released adapter: small safetensors + config + model card.
 
-``python -m paraencoder.release --run outputs/demo --out checkpoints/<name>`` reads the run's
+``python -m paraencoder.apps.release --run outputs/demo --out checkpoints/<name>`` reads the run's
 adapter and its evaluation JSON (written by ``paraencoder demo`` / ``paraencoder eval``), writes
 the adapter in float16 (only trained weights), copies the plots, and writes ``README.md`` with the
 numbers. Nothing is recomputed here: the card reports exactly what the run measured.
@@ -147,7 +147,7 @@ def _phrasing_table(evals: dict[str, dict]) -> list[str]:
 
 
 def _cue_lines(config: dict) -> list[str]:
-    """A card paragraph on the adapter's verbal cue (paraencoder.cue), if it has one."""
+    """A card paragraph on the adapter's verbal cue (paraencoder.model.cue), if it has one."""
     cue = config.get("cue")
     if not cue:
         return []
@@ -207,7 +207,7 @@ def model_card(
         "## Results on speakers never trained on",
         "",
         "Every number comes from the frozen LLM's own free-text reply, parsed by the keyword judge in "
-        "`paraencoder/eval/labels.py` (checked on 31 phrasings in the tests). Baselines run in the same pass: "
+        "`paraencoder/labels.py` (checked on 31 phrasings in the tests). Baselines run in the same pass: "
         "*transcript only* (the words, no cue: RAVDESS has two sentences shared by all emotions, so this is "
         "chance by construction) and *text + stated cue* (the teacher's own view, an upper bound for what "
         "this LLM says when told the answer).",
@@ -254,14 +254,14 @@ def model_card(
 def release(run: Path, out: Path, name: str | None = None) -> Path:
     import torch
 
-    from paraencoder.adapter import SpeechAdapter
+    from paraencoder.model.adapter import SpeechAdapter
 
     name = name or out.name
     adapter = SpeechAdapter.from_pretrained(run / "adapter")
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     extra = {k: config[k] for k in ("training", "lora") if k in config}
     if "lora" in extra:  # the LLM LoRA ships with the adapter, byte for byte (its config pins the hashes)
-        from paraencoder.lora import copy_lora
+        from paraencoder.model.lora import copy_lora
 
         copy_lora(run / "adapter", out, extra["lora"])
     adapter.save_pretrained(out, dtype=torch.float16, extra_config=extra)
@@ -296,7 +296,7 @@ def release(run: Path, out: Path, name: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paraencoder.release", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m paraencoder.apps.release", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished run directory (adapter/, eval/, timings.json)")
     parser.add_argument("--out", type=Path, required=True, help="release directory, e.g. checkpoints/<name>")
     args = parser.parse_args(argv)

@@ -1,30 +1,27 @@
-"""Behavioral-alignment training with Lightning: ``AlignmentModule`` + ``AlignmentData``.
+"""The training spine: :class:`AlignmentModule`, the LightningModule every method builds on.
 
-The module owns only the :class:`~paraencoder.adapter.SpeechAdapter` as parameters. The frozen
-LLM is held as a plain attribute (never a submodule): no gradients, no optimizer state, not in
-checkpoints, not in DDP buckets. Checkpoints hold only what trains.
+It owns only the :class:`~paraencoder.model.adapter.SpeechAdapter` (and what a method adds: a
+head, a LoRA) as parameters. The frozen LLM is held as a plain attribute (never a submodule): no
+gradients, no optimizer state, not in checkpoints, not in DDP buckets. Checkpoints hold only what
+trains. Methods (:mod:`paraencoder.train.methods`) subclass it: they declare their extra trainable
+parts through :meth:`AlignmentModule.param_groups`, their loss terms in :meth:`compute_loss`, and
+what they export in :meth:`export_parts`; optimizer, schedule, export and resume stay here.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
 import math
 import os
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.io import CheckpointIO
 
-from paraencoder.adapter import SpeechAdapter
-from paraencoder.data.dataset import AlignmentDataset, AlignmentExample, attach_teacher_replies, build_examples, collate
-from paraencoder.data.teacher import Decoding, TeacherCache
+from paraencoder.data.dataset import AlignmentExample
 from paraencoder.errors import ConfigError
-from paraencoder.llm import FrozenLLM
+from paraencoder.model.adapter import SpeechAdapter
+from paraencoder.model.llm import FrozenLLM
 from paraencoder.objectives import ObjectiveMix
-from paraencoder.prompts import get_tasks
 
 
 def default_cache_dir() -> Path:
@@ -48,74 +45,6 @@ def explain_out_of_memory(exc: BaseException, module, batch: dict | None = None)
         hints.append("use trainer.precision=bf16-mixed and model.llm_dtype=bfloat16")
     hints.append("lower model.chunk_size (reply tokens per LM-head chunk)")
     return ConfigError(f"out of memory on {module.device}{where}: " + "; ".join(hints) + f". ({str(exc).splitlines()[0][:200]})")
-
-
-class VerifiedCheckpointIO(CheckpointIO):
-    """Checkpoint IO that makes a failed save loud.
-
-    Lightning's ``_atomic_save`` swallows a ``PermissionError`` from the filesystem (it re-raises
-    only cross-device errors), so a periodic checkpoint into a directory that became unwritable
-    mid-run is skipped silently and the run exits 0. This wrapper checks the directory first and
-    verifies after the save that the file was really (re)written; otherwise it raises.
-    """
-
-    def __init__(self, inner: CheckpointIO):
-        self.inner = inner
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        from paraencoder.errors import ParaencoderError
-        from paraencoder.io import check_writable
-
-        path = Path(path)
-        if "://" not in str(path):  # local paths only; remote filesystems report their own errors
-            check_writable(path.parent, "the checkpoint directory")
-        before = _file_identity(path)
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        after = _file_identity(path)
-        if "://" not in str(path) and (after is None or after == before):
-            raise ParaencoderError(
-                f"checkpoint {path} was not written (the save failed without an error; is {path.parent} still "
-                "writable and is there free space?); the run stops here so no further work goes unsaved: fix the "
-                "directory and resume with --ckpt_path last"
-            )
-
-    def load_checkpoint(self, path, map_location=None, **kwargs):
-        return self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
-
-    def remove_checkpoint(self, path) -> None:
-        self.inner.remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-def _file_identity(path: Path) -> tuple[int, int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_ino, info.st_mtime_ns, info.st_size
-
-
-def check_output_locations(trainer, export_dir: str | os.PathLike) -> list[Path]:
-    """Check, before the first step, that every place the run writes to is writable, and make
-    checkpoint saves verified (:class:`VerifiedCheckpointIO`). Returns the directories checked."""
-    from paraencoder.io import check_writable
-
-    if not trainer.is_global_zero:
-        return []
-    checked = [check_writable(export_dir, "the adapter export directory (model.export_dir)")]
-    for callback in trainer.checkpoint_callbacks:
-        if getattr(callback, "dirpath", None):
-            checked.append(check_writable(callback.dirpath, "the checkpoint directory (ModelCheckpoint.dirpath)"))
-    for logger in trainer.loggers:
-        log_dir = getattr(logger, "log_dir", None)
-        if log_dir:
-            checked.append(check_writable(log_dir, f"the log directory of {type(logger).__name__}"))
-    strategy = trainer.strategy
-    if not isinstance(strategy.checkpoint_io, VerifiedCheckpointIO):
-        strategy.checkpoint_io = VerifiedCheckpointIO(strategy.checkpoint_io)
-    return checked
 
 
 class AlignmentModule(L.LightningModule):
@@ -148,15 +77,15 @@ class AlignmentModule(L.LightningModule):
             projector shape), e.g. to continue from a released adapter with encoder layers unfrozen
             or other data. A resumed checkpoint still wins: its weights are loaded afterwards.
         summary_tokens: clip-level soft tokens (attention-pooled over time) prepended to the frame
-            tokens (0 = none); see :class:`~paraencoder.projector.UtteranceSummary`.
+            tokens (0 = none); see :class:`~paraencoder.model.projector.UtteranceSummary`.
         aux_head: auxiliary classifier on the summary tokens during training: ``"none"``,
             ``"linear"`` or ``"words"`` (scores against the frozen LLM's own embeddings of the class
             words; :class:`~paraencoder.objectives.heads.SummaryHead`). Never part of the adapter.
         aux_weight: weight of the auxiliary head's cross-entropy (summed over attributes).
         encoder_states: directory of an on-disk frozen-encoder state cache shared by every run
             (``"auto"`` = ``$PARAENCODER_CACHE/encoder_states``; ``None`` = in memory only).
-        cue: a verbal cue in the adapter (:mod:`paraencoder.cue`; ``{template, classes}``, e.g.
-            :data:`paraencoder.cue.DEFAULT_CUE`): clip classifiers whose posteriors are written as the
+        cue: a verbal cue in the adapter (:mod:`paraencoder.model.cue`; ``{template, classes}``, e.g.
+            :data:`paraencoder.model.cue.DEFAULT_CUE`): clip classifiers whose posteriors are written as the
             LLM's own class-word embeddings in a fixed sentence before or after the frame tokens. ``None`` = none.
         cue_weight: weight of the cue classifiers' cross-entropy on the clips' labels (summed over attributes).
         cue_fit_steps: before the first step, fit the cue classifiers on every training clip's pooled
@@ -233,7 +162,7 @@ class AlignmentModule(L.LightningModule):
             raise ConfigError(f"model.cue_fit_on={cue_fit_on!r}: use 'examples' (clips with a kept example) or 'clips' (every labelled training clip)")
         self.aux = self._build_aux_head(aux_head, aux_weight, summary_tokens)
         if init_adapter:
-            from paraencoder.adapter import load_adapter_weights
+            from paraencoder.model.adapter import load_adapter_weights
 
             load_adapter_weights(self.adapter, init_adapter, self.llm)
         self.objective = ObjectiveMix(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, chunk_size=chunk_size)
@@ -274,6 +203,8 @@ class AlignmentModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.llm.to(self.device)
         if self.trainer is not None:
+            from paraencoder.train.checkpoints import check_output_locations
+
             check_output_locations(self.trainer, self.export_target())
             self.fit_cue_if_needed()
         if self.adapter.cue is not None and self.hparams.get("cue_freeze"):
@@ -469,7 +400,7 @@ class AlignmentModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         train_set = getattr(datamodule, "train_set", None)
         if train_set is None:
-            raise ConfigError("model.cue_fit_steps > 0 needs the training clips: run it with paraencoder.training.AlignmentData (data.train_manifest)")
+            raise ConfigError("model.cue_fit_steps > 0 needs the training clips: run it with paraencoder.train.data.AlignmentData (data.train_manifest)")
         if self.hparams.get("cue_fit_on", "examples") == "clips":
             self.fit_cue(datamodule.clip_examples())
         else:
@@ -477,7 +408,7 @@ class AlignmentModule(L.LightningModule):
 
     def fit_cue(self, examples: list[AlignmentExample]) -> dict:
         """Fit the verbal cue's classifiers on every distinct clip of ``examples`` (frozen encoder features, no LLM)."""
-        from paraencoder.cue import fit_cue_classifiers, pool_states
+        from paraencoder.model.cue import fit_cue_classifiers, pool_states
 
         if not self.adapter.encoder_frozen:
             raise ConfigError("model.cue_fit_steps > 0 fits on frozen encoder features; set train_layers: none (or cue_fit_steps: 0)")
@@ -610,7 +541,7 @@ class AlignmentModule(L.LightningModule):
 
     # -- export: every part a run trained ----------------------------------------------------------
     def export_parts(self, directory: str | os.PathLike) -> dict:
-        """Write the trained parts besides the adapter (e.g. an LLM LoRA, :mod:`paraencoder.lora`) into ``directory``.
+        """Write the trained parts besides the adapter (e.g. an LLM LoRA, :mod:`paraencoder.model.lora`) into ``directory``.
 
         Returns the adapter-config sections that pin them (``{"lora": ...}``). Methods that train
         more than the adapter override this; the base trains the adapter only.
@@ -621,403 +552,8 @@ class AlignmentModule(L.LightningModule):
         """Write everything this run trained into ``directory``: :meth:`export_parts`, then the adapter.
 
         The adapter's config is written last and pins the other parts, so
-        :meth:`SpeechAdapter.from_pretrained <paraencoder.adapter.SpeechAdapter.from_pretrained>`
+        :meth:`SpeechAdapter.from_pretrained <paraencoder.model.adapter.SpeechAdapter.from_pretrained>`
         serves exactly what was trained (a torn export is refused on load).
         """
         sections = self.export_parts(directory)
         return self.adapter.save_pretrained(directory, extra_config={**(extra_config or {}), **sections})
-
-
-def first_clause(text: str | None) -> str:
-    """The reply up to its first comma, semicolon, colon or sentence end (``"The speaker is sad, ..."`` -> ``"The speaker is sad"``)."""
-    import re
-
-    return re.split(r"[,;:.!?]", text or "", maxsplit=1)[0]
-
-
-def filter_teacher_answers(examples: list[AlignmentExample], *, source: str = "manifest") -> list[AlignmentExample]:
-    """Keep question-bank examples whose teacher reply gives the right answer in its first clause (others untouched); prints counts per format.
-
-    Yes/no replies are scored whole ("The speaker is not sad." answers "no").
-    """
-    from collections import Counter
-
-    from paraencoder.eval.labels import score_answer
-
-    kept, dropped, total = [], Counter(), Counter()
-    for ex in examples:
-        q = ex.question
-        if not q:
-            kept.append(ex)
-            continue
-        total[ex.task] += 1
-        # The answer must come first: a reply that hedges before naming the class ("a mix of emotions,
-        # but the most fitting choice is ...") teaches the student to hedge, and the label comes late.
-        reply = ex.reply if q["form"] == "yesno" else first_clause(ex.reply)
-        _, correct = score_answer(q["attribute"], q["form"], reply, ex.labels.get(q["attribute"]), q.get("candidate"))
-        if correct:
-            kept.append(ex)
-        else:
-            dropped[ex.task] += 1
-    if dropped:
-        summary = ", ".join(f"{t} {dropped[t]}/{total[t]}" for t in sorted(total) if dropped[t])
-        print(f"{source}: dropped {sum(dropped.values())} of {sum(total.values())} question-bank examples whose teacher reply gives a wrong or no answer ({summary})")
-    if total and not any(ex.question for ex in kept):
-        raise ConfigError(f"{source}: the teacher answered none of the {sum(total.values())} question-bank examples correctly; check the LLM or set data.filter_teacher: false")
-    return kept
-
-
-class AlignmentData(L.LightningDataModule):
-    """Manifests → alignment examples with cached teacher replies → length-bucketed batches.
-
-    Args:
-        train_manifest: JSONL/CSV manifest of training utterances.
-        val_manifest: optional manifest for validation loss.
-        tasks: alignment tasks, e.g. ``["respond", "emotion"]`` (see ``paraencoder.prompts.TASKS``).
-        llm: the frozen LLM spec (linked from ``model.llm``; the same loaded model is shared).
-        llm_dtype: its dtype (linked from ``model.llm_dtype``).
-        batch_size: examples per batch.
-        num_workers: DataLoader worker processes (audio decoding).
-        teacher_cache: directory of the teacher-reply cache (default in ``$PARAENCODER_CACHE``).
-        teacher_max_new_tokens, teacher_batch_size: teacher generation settings.
-        max_examples: cap for quick runs (taken after a seeded shuffle).
-        seed: shuffling seed.
-        bucket: group clips of similar length into batches (bounded padding).
-        qa_mode: contextual paralinguistic QA (Wang et al. 2025): ``"none"``, ``"explicit"``
-            (categorical + dimensional metadata rendered into the teacher prompt), ``"implicit"``
-            (generated QA pairs that need words and voice) or ``"both"``.
-        qa_generator: who writes implicit QA pairs: ``"templates"`` (deterministic contextual
-            questions, :class:`paraencoder.data.qa.TemplateQAWriter`; the default), ``"local"`` (an
-            in-process LLM: ``qa_generator_model`` names it, e.g. the packaged judge
-            ``qwen2.5-coder-1.5b-instruct``; without one the frozen LLM writes, and SmolLM2-135M
-            writes no valid pair) or an OpenAI-compatible URL (``qa_generator_model`` names the model).
-        qa_pairs: QA pairs per utterance (implicit mode).
-        questions_per_item: with ``> 0``, the speaker-attribute tasks (``emotion``, ``age``,
-            ``gender``) ask that many phrasings per clip drawn from the training question bank
-            (:data:`paraencoder.prompts.QUESTION_BANK`: one word, sentence, open, multiple choice,
-            yes/no) instead of their single fixed question; ``0`` keeps the fixed question.
-        filter_teacher: drop question-bank examples whose teacher reply (to the stated cue) does not
-            parse to the right answer: the student never learns a wrong target. Counts are printed.
-        system_prompt: system message of the teacher prompts (linked from ``model.system_prompt``;
-            ``None`` = the model's, when a trainer attaches one, else the template's default).
-        bad_items: what to do with manifest items that cannot be trained on (schema errors, missing,
-            truncated or non-finite audio, clips under 25 ms or over 10 min, ``<speech>`` in a
-            transcript), found by decoding every clip before training: ``"fail"`` (default: stop
-            before the first step with the file, line and reason of each), ``"skip"`` (train on the
-            rest and write every bad item to ``bad_items_report``) or ``"off"`` (no check up front).
-        bad_items_report: JSONL file for the skipped items (default
-            ``<log dir>/bad_items-<manifest name>.jsonl``).
-        dialogue_manifest: optional JSONL of multi-turn dialogue examples (speech in any user turn,
-            schema in docs/data.md, :mod:`paraencoder.data.dialogues`), mixed into the training
-            batches; their targets are literal or teacher replies to a text view of the dialogue.
-            ``train_manifest`` may then be omitted. Not affected by ``tasks``/``max_examples``.
-        val_dialogue_manifest: the same for validation.
-    """
-
-    def __init__(
-        self,
-        train_manifest: str | None = None,
-        val_manifest: str | None = None,
-        tasks: list[str] = ["respond", "emotion"],  # noqa: B006 - jsonargparse needs a literal default
-        llm: str = "smollm2-135m-instruct",
-        llm_dtype: str = "float32",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        teacher_cache: str | None = None,
-        teacher_max_new_tokens: int = 48,
-        teacher_batch_size: int = 16,
-        max_examples: int | None = None,
-        seed: int = 0,
-        bucket: bool = True,
-        qa_mode: str = "none",
-        qa_generator: str = "templates",
-        qa_generator_model: str | None = None,
-        qa_pairs: int = 2,
-        questions_per_item: int = 0,
-        filter_teacher: bool = True,
-        system_prompt: str | None = None,
-        bad_items: str = "fail",
-        bad_items_report: str | None = None,
-        dialogue_manifest: str | None = None,
-        val_dialogue_manifest: str | None = None,
-    ):
-        super().__init__()
-        if bad_items not in ("fail", "skip", "off"):
-            raise ConfigError(f"data.bad_items={bad_items!r}; choose fail (stop on the first bad item), skip (train without them, listed in a report) or off")
-        self.save_hyperparameters()
-        self.train_set: AlignmentDataset | None = None
-        self.train_utterances: list | None = None  # the training manifest's clips, kept by setup() for clip_examples()
-        self.val_set: AlignmentDataset | None = None
-
-    def _examples(self, manifest: str) -> list[AlignmentExample]:
-        from paraencoder import backbones
-        from paraencoder.data.manifest import load_manifest
-
-        utts = self._good_utterances(manifest) if self.hparams.get("bad_items", "fail") != "off" else load_manifest(manifest)
-        if manifest == self.hparams.train_manifest:
-            self.train_utterances = list(utts)
-        tasks = all_tasks = get_tasks(self.hparams.tasks)
-        banked: list[str] = []
-        if self.hparams.questions_per_item > 0:
-            from paraencoder.data.dataset import TASK_ATTRIBUTES
-
-            banked = [TASK_ATTRIBUTES[t.name] for t in tasks if t.name in TASK_ATTRIBUTES]
-            tasks = [t for t in tasks if t.name not in TASK_ATTRIBUTES]
-        examples = build_examples(utts, tasks, source=manifest) if tasks else []
-        if banked:
-            from paraencoder.data.dataset import bank_examples
-
-            examples += bank_examples(utts, banked, per_item=self.hparams.questions_per_item, seed=self.hparams.seed)
-        # Explicit metadata examples ask every task's own question, banked attributes included.
-        examples += self._qa_examples(utts, all_tasks)
-        if self.hparams.max_examples:
-            g = torch.Generator().manual_seed(self.hparams.seed)
-            order = torch.randperm(len(examples), generator=g).tolist()
-            examples = [examples[i] for i in order[: self.hparams.max_examples]]
-        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
-        cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
-        decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
-        examples = attach_teacher_replies(examples, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
-        if banked and self.hparams.filter_teacher:
-            examples = filter_teacher_answers(examples, source=manifest)
-        return examples
-
-    def clip_examples(self) -> list[AlignmentExample]:
-        """One example per clip of the training manifest (its audio window and labels; no prompt, no reply)."""
-        utts = self.train_utterances
-        if utts is None:
-            raise ConfigError("AlignmentData.clip_examples() is available after setup('fit') with data.train_manifest")
-        return [AlignmentExample.of(u, "clip", "", "") for u in utts]
-
-    def _qa_examples(self, utts, tasks) -> list[AlignmentExample]:
-        """Extra alignment examples for the contextual-QA modes (cached and resumable like teacher replies)."""
-        mode = self.hparams.qa_mode
-        if mode not in ("none", "explicit", "implicit", "both"):
-            raise ConfigError(f"qa_mode={mode!r}; choose none, explicit, implicit or both")
-        extra: list[AlignmentExample] = []
-        if mode in ("explicit", "both"):
-            from paraencoder.data.qa import explicit_examples
-
-            extra += explicit_examples([u for u in utts if u.emotion or u.age_group], tasks)
-        if mode in ("implicit", "both"):
-            from paraencoder import backbones
-            from paraencoder.data.qa import generate_qa, make_qa_generator, qa_examples
-
-            # "local" with no model named writes with the frozen LLM being trained; a named model
-            # (the packaged judge) is loaded by make_qa_generator itself.
-            local_self = self.hparams.qa_generator == "local" and not self.hparams.qa_generator_model
-            llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype) if local_self else None
-            generator = make_qa_generator(self.hparams.qa_generator, self.hparams.qa_generator_model, llm=llm)
-            cache_dir = Path(self.hparams.teacher_cache or default_cache_dir() / "teacher").parent / "qa"
-            with_emotion = [u for u in utts if u.transcript and u.emotion]
-            qa, report = generate_qa(with_emotion, generator, TeacherCache(cache_dir), n=self.hparams.qa_pairs)
-            if report.requested and not report.pairs:
-                raise ConfigError(
-                    f"qa_generator={self.hparams.qa_generator!r} wrote no valid QA pair for {report.requested} utterances "
-                    f"({report.failed} failed, {report.invalid} invalid; first: {report.dropped[:1]}); use "
-                    "data.qa_generator=templates or a stronger model (an OpenAI-compatible URL + qa_generator_model)"
-                )
-            summary = {k: v for k, v in vars(report).items() if k != "dropped"}
-            print(f"implicit QA: {json.dumps({**summary, 'dropped': len(report.dropped)})}")
-            for reason in report.dropped[:3]:
-                print(f"  dropped: {reason[:200]}")
-            # The target is the frozen LLM's own answer given transcript + metadata (behavioral alignment).
-            extra += qa_examples(with_emotion, qa, reply="teacher")
-        return extra
-
-    def _good_utterances(self, manifest: str) -> list:
-        """The manifest's utterances after decoding every clip: fail on bad items, or skip and report them."""
-        from paraencoder.data.manifest import validate_manifest
-        from paraencoder.errors import ManifestError
-
-        report = validate_manifest(manifest, check_audio=True, decode=True, max_bad_fraction=1.0, vocabularies={}, progress=True)
-        if not report.issues:
-            return report.utterances
-        listed = "; ".join(str(issue) for issue in report.issues[:5]) + (f" (and {len(report.issues) - 5} more)" if len(report.issues) > 5 else "")
-        if self.hparams.bad_items == "fail":
-            first = report.issues[0]
-            raise ManifestError(
-                manifest, first.line, first.field,
-                f"{report.bad_items} of {report.total} items cannot be trained on: {listed}. Fix them (paraencoder data "
-                "validate lists all), or set data.bad_items=skip to train without them (they are written to a report)",
-            )
-        target = self.hparams.bad_items_report
-        if not target:
-            log_dir = getattr(self.trainer, "log_dir", None) if self.trainer is not None else None
-            target = Path(log_dir or ".") / f"bad_items-{Path(manifest).stem}.jsonl"
-        report.write_issues(target)
-        print(f"{manifest}: skipping {report.bad_items} of {report.total} bad items (data.bad_items=skip), listed in {target}: {listed}")
-        if not report.utterances:
-            raise ManifestError(manifest, None, None, f"all {report.total} items are bad; see {target}")
-        return report.utterances
-
-    def system_prompt(self) -> str | None:
-        """The teacher's system prompt: this module's, else the attached model's (they must agree)."""
-        mine = self.hparams.get("system_prompt")
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        theirs = getattr(getattr(module, "hparams", None), "get", lambda key: None)("system_prompt")
-        if mine is not None and theirs is not None and mine != theirs:
-            raise ConfigError(
-                f"data.system_prompt={mine[:80]!r} but model.system_prompt={theirs[:80]!r}: teacher and student must "
-                "share one system prompt; set model.system_prompt only (the CLI links it to the data)"
-            )
-        return mine if mine is not None else theirs
-
-    def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
-        if self.train_set is None and stage in (None, "fit"):
-            if not hp.train_manifest and not hp.get("dialogue_manifest"):
-                raise ConfigError("give data.train_manifest (utterances) and/or data.dialogue_manifest (dialogues)")
-            examples = self._examples(hp.train_manifest) if hp.train_manifest else []
-            self.train_set = AlignmentDataset(examples + self._dialogue_examples(hp.get("dialogue_manifest")), seed=hp.seed)
-        if self.val_set is None and (hp.val_manifest or hp.get("val_dialogue_manifest")) and stage in (None, "fit", "validate"):
-            examples = self._examples(hp.val_manifest) if hp.val_manifest else []
-            self.val_set = AlignmentDataset(examples + self._dialogue_examples(hp.get("val_dialogue_manifest")), seed=hp.seed)
-
-    def _dialogue_examples(self, manifest: str | None) -> list[AlignmentExample]:
-        """Dialogue examples of a dialogue manifest with their targets (teacher replies cached like all others)."""
-        if not manifest:
-            return []
-        from paraencoder import backbones
-        from paraencoder.data.dialogues import load_dialogue_examples
-
-        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
-        cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
-        decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
-        return load_dialogue_examples(manifest, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
-
-    def _loader(self, dataset: AlignmentDataset, shuffle: bool) -> torch.utils.data.DataLoader:
-        hp = self.hparams
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
-        if world > 1 and getattr(getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
-            raise ConfigError(
-                "distributed training: set trainer.use_distributed_sampler: false (paraencoder's batch samplers "
-                "already shard by rank; Lightning cannot wrap a batch sampler)"
-            )
-        if hp.bucket:
-            from paraencoder.data.sampling import LengthBucketSampler
-
-            sampler = LengthBucketSampler(dataset.durations(), batch_size=hp.batch_size, shuffle=shuffle, seed=hp.seed, num_replicas=world, rank=rank)
-        else:
-            # Batch order is a function of (seed, epoch) only, so a resumed process sees the same order.
-            from paraencoder.resume import EpochBatchSampler
-
-            sampler = EpochBatchSampler(len(dataset), hp.batch_size, shuffle=shuffle, seed=hp.seed, num_replicas=world, rank=rank)
-        kwargs = dict(collate_fn=collate, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
-        if not shuffle:
-            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
-        # Reliability: the training loader's position (epoch, batches consumed) goes into Lightning
-        # checkpoints, so resuming mid-epoch continues with the next unseen batch (paraencoder.resume).
-        from paraencoder.resume import ResumableDataLoader
-
-        return ResumableDataLoader(dataset, sampler, progress=self._train_progress, **kwargs)
-
-    def _train_progress(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained on) from the trainer's loop counters, for resumption."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
-    def train_dataloader(self):
-        if self.train_set is None:
-            raise ConfigError("AlignmentData.setup('fit') was not run")
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
-
-
-def load_checkpoint_safely(checkpoint: str | os.PathLike, *, trust: bool = False) -> dict:
-    """A Lightning checkpoint loaded without unpickling arbitrary objects where possible.
-
-    paraencoder's own checkpoints hold only tensors, numbers, strings, lists and dicts, so
-    ``torch.load(weights_only=True)`` reads them and a hostile file cannot run code. A checkpoint
-    that needs full unpickling (custom classes in its hyper-parameters or callback state) is
-    refused unless ``trust=True``, which warns: unpickling can run any code the file holds.
-    """
-    import pickle
-    import warnings
-
-    from paraencoder.errors import UnsafeFileError
-
-    try:
-        return torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        globals_ = [line.strip() for line in str(exc).splitlines() if "global" in line.lower() and "unsupported" in line.lower()]
-        if not globals_:  # not a checkpoint: random bytes, a truncated file, a pickle of something else
-            reason = next((line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()), str(exc).splitlines()[0] if str(exc) else "")
-            raise UnsafeFileError(f"{checkpoint} is not a readable checkpoint ({reason[:200]})") from None
-        if not trust:
-            detail = globals_[0][:200]
-            raise UnsafeFileError(
-                f"{checkpoint} holds Python objects beyond tensors and plain values ({detail}); loading it would "
-                "unpickle them, which can run arbitrary code. If you wrote it yourself, pass --trust-checkpoint "
-                "(export_checkpoint(..., trust_checkpoint=True)); never do so for a downloaded checkpoint"
-            ) from None
-    except Exception as exc:  # noqa: BLE001 - damaged bytes make the unpickler raise anything (KeyError, EOFError, ...)
-        raise UnsafeFileError(f"{checkpoint} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    warnings.warn(f"unpickling {checkpoint} with weights_only=False (--trust-checkpoint): only do this for your own runs", stacklevel=2)
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)
-
-
-def export_checkpoint(
-    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, module_class: type | None = None, trust_checkpoint: bool = False
-) -> Path:
-    """Write the adapter held in a Lightning checkpoint as a released adapter (safetensors + JSON).
-
-    The checkpoint is read with ``weights_only=True`` (no arbitrary unpickling); one that needs more
-    is refused unless ``trust_checkpoint`` (:func:`load_checkpoint_safely`). It must hold every
-    tensor the adapter trains: an empty or partial state dict would export an untrained adapter.
-    The adapter written here is safetensors + JSON, safe to share.
-    """
-    ckpt = load_checkpoint_safely(checkpoint, trust=trust_checkpoint)
-    if not isinstance(ckpt, dict):
-        raise ConfigError(f"{checkpoint} is not a Lightning checkpoint (a {type(ckpt).__name__}, not a dict)")
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    if not hparams:
-        raise ConfigError(f"{checkpoint} has no hyper_parameters; it was not written by a paraencoder training run")
-    state = ckpt.get("state_dict")
-    if not isinstance(state, dict) or not state:
-        raise ConfigError(f"{checkpoint} has an empty state_dict: it holds no trained weights, and exporting it would write an untrained adapter")
-    cls = module_class or checkpoint_module_class(hparams)
-    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
-        known |= set(inspect.signature(AlignmentModule.__init__).parameters) - {"self"}
-    module = cls(**{k: v for k, v in hparams.items() if k in known})
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ConfigError(
-            f"{checkpoint} holds tensors {unexpected[:5]} that {cls.__name__} does not have; pass the module class that "
-            "wrote it (--module, e.g. paraencoder.peft_tuning:PEFTAlignmentModule or paraencoder.parabridge:ParaBridgeModule)"
-        )
-    trained = {f"adapter.{k}" for k in module.adapter.trainable_state_dict()}
-    untrained = sorted(trained & set(missing))
-    if untrained:
-        raise ConfigError(
-            f"{checkpoint} lacks {len(untrained)} of the adapter's {len(trained)} trained tensors (e.g. {untrained[:3]}); "
-            f"exporting it would write untrained weights. Use a checkpoint written by paraencoder fit with the same "
-            f"model settings (--module names the class that wrote it; now {cls.__name__})"
-        )
-    step = ckpt.get("global_step")
-    training = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    return module.export(out_dir, extra_config={"training": {**training, "global_step": step, "checkpoint": str(checkpoint)}})
-
-
-def checkpoint_module_class(hparams: dict) -> type:
-    """The module class that wrote a checkpoint: LightningCLI records it as ``_class_path``; default :class:`AlignmentModule`.
-
-    Only paraencoder's own :class:`AlignmentModule` subclasses are imported (a checkpoint never picks arbitrary code).
-    """
-    path = hparams.get("_class_path")
-    if not isinstance(path, str) or not path.startswith("paraencoder."):
-        return AlignmentModule
-    module_name, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError):
-        raise ConfigError(f"the checkpoint was written by {path}, which this version lacks; pass --module module:Class") from None
-    if not (isinstance(cls, type) and issubclass(cls, AlignmentModule)):
-        raise ConfigError(f"the checkpoint names {path}, not a paraencoder training module; pass --module module:Class")
-    return cls

@@ -37,13 +37,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from paraencoder.dialogue import AudioFormatError, AudioTooLongError, parse_messages
+from paraencoder.model.dialogue import AudioFormatError, AudioTooLongError, parse_messages
 from paraencoder.errors import AudioError, ParaencoderError, PromptError
-from paraencoder.serve import schemas
-from paraencoder.serve.batching import Batcher, QueueFull
-from paraencoder.serve.engine import Engine, GenParams
+from paraencoder.apps.serve import schemas
+from paraencoder.apps.serve.batching import Batcher, QueueFull
+from paraencoder.apps.serve.engine import Engine, GenParams
 
-log = logging.getLogger("paraencoder.serve")
+log = logging.getLogger("paraencoder.apps.serve")
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _parse_dialogue(req: schemas.ChatCompletionRequest, config: ServeConfig):
 
 
 def create_app(adapter, config: ServeConfig | None = None):
-    """The FastAPI app serving ``adapter`` (a loaded :class:`~paraencoder.adapter.SpeechAdapter`)."""
+    """The FastAPI app serving ``adapter`` (a loaded :class:`~paraencoder.model.adapter.SpeechAdapter`)."""
     config = config or ServeConfig()
     engine = Engine(adapter, window_seconds=config.window_seconds, overlap_seconds=config.overlap_seconds, max_seconds=config.max_audio_seconds)
 

@@ -23,12 +23,12 @@ from torch import nn
 
 import paraencoder
 from paraencoder.audio import load_audio, pad_waves
-from paraencoder.encoders import SpeechEncoder
+from paraencoder.model.encoders import SpeechEncoder
 from paraencoder.errors import AdapterMismatchError, ConfigError, PromptError, UnsafeFileError, shorten
 from paraencoder.io import atomic_write_bytes, atomic_write_json
-from paraencoder.llm import SPEECH, FrozenLLM, check_system_prompt
-from paraencoder.cue import VerbalCue, check_cue_config
-from paraencoder.projector import LayerSelect, Projector, UtteranceSummary
+from paraencoder.model.llm import SPEECH, FrozenLLM, check_system_prompt
+from paraencoder.model.cue import VerbalCue, check_cue_config
+from paraencoder.model.projector import LayerSelect, Projector, UtteranceSummary
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -45,19 +45,19 @@ class SpeechAdapter(nn.Module):
     adapter directory). Use :meth:`generate` to talk to the LLM with speech.
 
     Args:
-        encoder: a :class:`~paraencoder.encoders.SpeechEncoder`.
+        encoder: a :class:`~paraencoder.model.encoders.SpeechEncoder`.
         llm_hidden_size: the frozen LLM's hidden size.
         layer: which encoder hidden state the projector reads: ``"last"``, an index, or ``"mix"``.
-        stack, hidden_dim, activation: projector shape (see :class:`~paraencoder.projector.Projector`).
+        stack, hidden_dim, activation: projector shape (see :class:`~paraencoder.model.projector.Projector`).
         train_layers: encoder layers that train: ``"all"``, ``"none"``, ``"2-5"``, ``[0, 1]``.
         encoder_spec: how to load the encoder again (a short name, a directory or a CTranslate2 file).
         llm_identity: the LLM these soft tokens are for (checked on load).
         summary_tokens: clip-level soft tokens (attention-pooled over all frames) prepended to the
             frame tokens; 0 = frame tokens only (adapters before 0.3).
-        cue: a verbal cue (:mod:`paraencoder.cue`): clip classifiers whose posteriors fill a fixed
+        cue: a verbal cue (:mod:`paraencoder.model.cue`): clip classifiers whose posteriors fill a fixed
             sentence of the LLM's own word embeddings, placed before or after the frame tokens
             (``position``); ``None`` = none. A mapping with ``template`` and ``classes`` (e.g.
-            :data:`paraencoder.cue.DEFAULT_CUE`).
+            :data:`paraencoder.model.cue.DEFAULT_CUE`).
     """
 
     def __init__(
@@ -172,7 +172,7 @@ class SpeechAdapter(nn.Module):
         """Clip-level soft tokens (not one per stretch of frames) in each clip's tokens: ``(before the frames, after them)``.
 
         Summary tokens and a verbal cue placed ``"before"`` lead the frame tokens; a cue placed
-        ``"after"`` follows them. Long-audio windowing (:func:`paraencoder.dialogue.speech_tokens`)
+        ``"after"`` follows them. Long-audio windowing (:func:`paraencoder.model.dialogue.speech_tokens`)
         averages these over windows and concatenates only the frame tokens.
         """
         cue = self.cue.num_tokens if self.cue is not None else 0
@@ -341,9 +341,9 @@ class SpeechAdapter(nn.Module):
     @torch.no_grad()
     def speech_tokens(self, clips: Sequence[AudioInput], *, sample_rate: int | None = None, **window_kw) -> list[torch.Tensor]:
         """Soft tokens ``[n_i, H_llm]`` per clip; clips over the encoder's window (30 s) are encoded in
-        overlapping windows (see :func:`paraencoder.dialogue.speech_tokens` for ``window_seconds``,
+        overlapping windows (see :func:`paraencoder.model.dialogue.speech_tokens` for ``window_seconds``,
         ``overlap_seconds``, ``max_seconds``)."""
-        from paraencoder.dialogue import LONG_AUDIO_MAX_SECONDS, speech_tokens
+        from paraencoder.model.dialogue import LONG_AUDIO_MAX_SECONDS, speech_tokens
 
         max_seconds = window_kw.get("max_seconds", LONG_AUDIO_MAX_SECONDS)
         was_training = self.training
@@ -375,7 +375,7 @@ class SpeechAdapter(nn.Module):
         turn ``[audio, text]`` gives exactly :meth:`generate`'s reply to ``"<speech>\\n" + text``.
         Clips over 30 s are encoded in windows (``window_seconds``, ``overlap_seconds``, ``max_seconds``).
         """
-        from paraencoder.dialogue import LONG_AUDIO_MAX_SECONDS, dialogue_inputs, is_single_conversation, parse_messages
+        from paraencoder.model.dialogue import LONG_AUDIO_MAX_SECONDS, dialogue_inputs, is_single_conversation, parse_messages
 
         single = is_single_conversation(messages)
         conversations = [messages] if single else list(messages)
@@ -442,7 +442,7 @@ class SpeechAdapter(nn.Module):
 
         Refuses a mismatched LLM or encoder with an error naming both values. Only safetensors and
         JSON are read; the weights file is validated (names, shapes, dtypes, sizes) before any tensor
-        is allocated. An LLM LoRA the config pins (its ``lora`` section, :mod:`paraencoder.lora`) is
+        is allocated. An LLM LoRA the config pins (its ``lora`` section, :mod:`paraencoder.model.lora`) is
         applied to a private copy of the LLM, so the adapter serves exactly what was trained; the
         given or memoised LLM stays untouched. ``lora=False`` loads the adapter without it.
         """
@@ -458,7 +458,7 @@ class SpeechAdapter(nn.Module):
         frozen = llm if isinstance(llm, FrozenLLM) else backbones.resolve_llm(llm, dtype=llm_dtype)
         check_llm_identity(config["llm"], frozen.identity)
         if lora:
-            from paraencoder.lora import check_no_legacy_lora, load_lora
+            from paraencoder.model.lora import check_no_legacy_lora, load_lora
 
             if config.get("lora") is not None:
                 frozen = load_lora(directory, config["lora"], frozen)  # a private copy: the shared LLM never sees it
@@ -687,7 +687,7 @@ def read_adapter_config(directory: Path) -> dict:
         except ConfigError as exc:
             raise UnsafeFileError(f"{path}: {exc}") from None
     if config.get("lora") is not None:
-        from paraencoder.lora import check_lora_section
+        from paraencoder.model.lora import check_lora_section
 
         check_lora_section(path, config["lora"])
     enc = config["encoder"]
@@ -766,7 +766,7 @@ def check_projector_config(path: Path, config: dict, encoder: SpeechEncoder, wei
             f"{path}: projector layers {shorten(bad)} are outside the encoder's hidden states 0-{states - 1}; "
             "this adapter was not trained on this encoder (pass encoder=...) or its config is damaged"
         )
-    from paraencoder.encoders.base import parse_layer_spec
+    from paraencoder.model.encoders.base import parse_layer_spec
 
     try:
         parse_layer_spec(config["encoder"].get("train_layers") or "none", encoder.num_layers, name="encoder.train_layers")

@@ -11,7 +11,7 @@ adds an auxiliary classification head that is thrown away after training. Here:
   submodule (``self.lora``) of the LightningModule; the LLM's own weights never change and the
   LoRA is switched on only for the student's forward pass (teacher passes and teacher-reply
   generation see the plain LLM). It is exported in peft's layout into the adapter's ``lora/`` folder,
-  pinned by hash in the adapter config (:mod:`paraencoder.lora`); ``SpeechAdapter.from_pretrained``
+  pinned by hash in the adapter config (:mod:`paraencoder.model.lora`); ``SpeechAdapter.from_pretrained``
   applies it (on a private copy of the LLM) for inference.
 * ``head_hierarchy`` adds a :class:`~paraencoder.objectives.DualLevelHead` (coarse + fine classes
   per attribute) on a chosen encoder hidden state or on the soft tokens. Its loss is added with
@@ -34,9 +34,9 @@ from torch import nn
 
 from paraencoder.errors import ConfigError
 from paraencoder.io import atomic_write_bytes, atomic_write_json
-from paraencoder.llm import FrozenLLM
-from paraencoder.lora import inject_lora, make_lora_config, private_copy, save_lora
-from paraencoder.training import AlignmentModule
+from paraencoder.model.llm import FrozenLLM
+from paraencoder.model.lora import inject_lora, make_lora_config, private_copy, save_lora
+from paraencoder.train.module import AlignmentModule
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head_config.json"
@@ -78,7 +78,7 @@ class LLMLoRA(nn.Module):
         super().__init__()
         from peft.tuners.lora import LoraLayer
 
-        from paraencoder.encoders.base import parse_layer_spec
+        from paraencoder.model.encoders.base import parse_layer_spec
 
         if rank < 1:
             raise ConfigError(f"lora_rank={rank} must be >= 1")
@@ -130,7 +130,7 @@ class LLMLoRA(nn.Module):
         return state
 
     def save(self, directory: str | os.PathLike) -> dict:
-        """Write the LoRA in peft's layout into ``directory/lora`` (:func:`paraencoder.lora.save_lora`); returns
+        """Write the LoRA in peft's layout into ``directory/lora`` (:func:`paraencoder.model.lora.save_lora`); returns
         the ``lora`` section for the adapter config. Loading: ``SpeechAdapter.from_pretrained`` applies it."""
         return save_lora(directory, self.llm[0], self.peft_config, adapter_name=self.name)
 
@@ -164,7 +164,7 @@ def head_label(value, classes: Sequence[str]) -> str | None:
 
 
 class PEFTAlignmentModule(AlignmentModule):
-    """:class:`~paraencoder.training.AlignmentModule` + PE-FT: auto layer choice, LLM LoRA, dual-level aux head.
+    """:class:`~paraencoder.train.module.AlignmentModule` + PE-FT: auto layer choice, LLM LoRA, dual-level aux head.
 
     Every argument of ``AlignmentModule`` is accepted (``**kwargs``); ``train_layers`` may also be
     ``"auto"`` (needs ``probe_report``).

@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     # The default held-out sets are found (or the missing data named) before the models load too.
     defaults = {} if manifest is not None else {s: default_utterances(s, args.out, seed=args.seed) for s in suites if s != "safety"}
 
-    from paraencoder.adapter import SpeechAdapter
-    from paraencoder.eval.judge import make_judge
+    from paraencoder.model.adapter import SpeechAdapter
+    from paraencoder.judge import make_judge
     from paraencoder.eval.report import fmt
     from paraencoder.eval.suites import run_suite
 

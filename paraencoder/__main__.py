@@ -1,0 +1,7 @@
+"""``python -m paraencoder ARGS`` = the ``paraencoder`` command (:mod:`paraencoder.apps.cli`)."""
+
+import sys
+
+from paraencoder.apps.cli import main
+
+sys.exit(main())
