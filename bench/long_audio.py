@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.common import PeakMemory, machine_info
     from paraencoder.model.dialogue import Dialogue, dialogue_inputs, speech_tokens, window_geometry
+    from paraencoder.model.forward import generate
 
     torch.set_num_threads(args.threads)
     adapter, source = load_adapter(args)
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_generate:
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
-                embeds, mask, _ = dialogue_inputs(adapter, [Dialogue([{"role": "user", "content": "<speech>\nSummarise what you heard."}], [wave])], overlap_seconds=args.overlap)
-                reply = adapter.llm.generate_embeds(embeds, mask, max_new_tokens=args.max_new_tokens)[0]
+                inputs = dialogue_inputs(adapter, [Dialogue([{"role": "user", "content": "<speech>\nSummarise what you heard."}], [wave])], overlap_seconds=args.overlap)
+                reply = generate(adapter.llm, inputs, max_new_tokens=args.max_new_tokens)[0]
                 row["answer_s"] = time.perf_counter() - start
             row["answer_peak_rss_mb"] = mem.peak_bytes / 2**20
-            row["prompt_tokens"] = int(mask.sum())
+            row["prompt_tokens"] = int(inputs.attention_mask.sum())
             row["reply"] = reply
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 from paraencoder.errors import ConfigError  # noqa: E402
+from paraencoder.model.forward import reply_hidden  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +292,9 @@ def naive_loss(module, batch: dict, kl_weight: float, temperature: float):
 
     examples = batch["examples"]
     replies = [ex.reply for ex in examples]
-    enc, embeds = module.student_batch(batch, replies)
-    model = module.llm.model
+    student = module.student_batch(batch, replies)
+    enc, embeds = student.batch, student.embeds
+    model = module.llm.model  # the baseline row: full logits from the plain HF forward, on purpose
     logits = model(inputs_embeds=embeds, attention_mask=enc.attention_mask, position_ids=module.llm.position_ids(enc.attention_mask), use_cache=False).logits
     loss = response_ce_from_logits(logits, enc.labels)
     if kl_weight > 0:
@@ -345,9 +347,7 @@ class TopKCache:
 def topk_loss(module, batch: dict, cache: TopKCache):
     """``compute_loss`` with the teacher's cached top-k logits in place of a teacher forward."""
     examples = batch["examples"]
-    enc, embeds = module.student_batch(batch, [ex.reply for ex in examples])
-    hidden = module.llm.hidden_states(embeds, enc.attention_mask)
-    h, targets = module.response_hidden(hidden, enc.labels)
+    h, targets = reply_hidden(module.llm, module.student_batch(batch, [ex.reply for ex in examples]))
     values, indices = cache.batch(examples)
     head = module.llm.lm_head
     loss, _ = module.objective(h, head.weight, targets, teacher_topk=(values.to(h.device), indices.to(h.device)), bias=getattr(head, "bias", None))
@@ -517,8 +517,7 @@ def topk_error(module, batches: list[dict], cache: TopKCache, cfg: BenchConfig) 
                 # (the timing rows use random reply tokens; only their shapes matter there).
                 replies = module.llm.generate_text([ex.teacher_prompt for ex in examples], system=cfg.system_prompt, max_new_tokens=cfg.reply_tokens[1])
             b = {**batch, "waves": batch["waves"].to(module.device), "lengths": batch["lengths"].to(module.device)}
-            enc, embeds = module.student_batch(b, replies)
-            h, _ = module.response_hidden(module.llm.hidden_states(embeds, enc.attention_mask), enc.labels)
+            h, _ = reply_hidden(module.llm, module.student_batch(b, replies))
             t = module.teacher_hidden(examples, replies)
             bias = getattr(head, "bias", None)
             results.append(topk_approximation_error(h.float(), head.weight.float(), t.float(), cfg.topk, temperature=cfg.temperature, bias=bias, chunk_size=cfg.chunk_size))

@@ -76,10 +76,10 @@ def test_earlier_clip_changes_the_prompt_embeddings(adapter):
             {"role": "user", "content": [audio(tone(0.6, 200.0)), "again"]},
         ]
 
-    e1, m1, b1 = dialogue_inputs(adapter, [parse_messages(convo(tone(0.6, 300.0)))])
-    e2, m2, b2 = dialogue_inputs(adapter, [parse_messages(convo(tone(0.6, 110.0, seed=5)))])
-    assert torch.equal(b1.speech_mask, b2.speech_mask)
-    assert not torch.allclose(e1, e2)
+    one = dialogue_inputs(adapter, [parse_messages(convo(tone(0.6, 300.0)))])
+    two = dialogue_inputs(adapter, [parse_messages(convo(tone(0.6, 110.0, seed=5)))])
+    assert torch.equal(one.batch.speech_mask, two.batch.speech_mask)
+    assert not torch.allclose(one.embeds, two.embeds)
 
 
 @pytest.mark.parametrize(
@@ -207,5 +207,5 @@ def test_chat_uses_the_adapters_trained_system_prompt(tiny_whisper_dir, tiny_llm
     d = parse_messages([{"role": "user", "content": [audio(clip)]}])
     from paraencoder.model.dialogue import dialogue_inputs
 
-    _, _, batch = dialogue_inputs(adapter, [d])
+    batch = dialogue_inputs(adapter, [d]).batch
     assert "Be brief." in adapter.llm.tokenizer.decode(batch.input_ids[0])

@@ -17,6 +17,7 @@ from paraencoder.data.dataset import collate
 from paraencoder.data.dialogues import load_dialogue_manifest, parse_dialogue_row
 from paraencoder.data.teacher import Decoding, TeacherRequest, iter_cache_records, teacher_key
 from paraencoder.model.dialogue import dialogue_inputs, parse_messages
+from paraencoder.model.forward import reply_hidden, reply_positions
 from paraencoder.errors import ConfigError, ManifestError
 from paraencoder.model.llm import SPEECH
 from paraencoder.train.data import AlignmentData
@@ -248,7 +249,7 @@ def test_labels_cover_only_the_final_assistant_reply(dialogue_setup):
     llm = module.llm
     assert batch["clip_counts"] == [1, 2] and batch["waves"].shape[0] == 3
     with torch.no_grad():
-        enc, _ = module.student_batch(batch, soft=module.soft_tokens(batch))
+        enc = module.student_batch(batch, soft=module.soft_tokens(batch)).batch
     for i, ex in enumerate(batch["examples"]):
         reply_ids = llm.text_ids(ex.reply) + [llm.end_of_turn_id]
         row, labels = enc.input_ids[i][enc.attention_mask[i].bool()], enc.labels[i][enc.attention_mask[i].bool()]
@@ -269,7 +270,8 @@ def test_single_clip_example_in_a_mixed_batch_encodes_as_alone(dialogue_setup):
     ex = batch["examples"][0]
     with torch.no_grad():
         soft, lengths = module.soft_tokens(batch)
-        mixed, mixed_embeds = module.student_batch(batch, soft=(soft, lengths))
+        inputs = module.student_batch(batch, soft=(soft, lengths))
+        mixed, mixed_embeds = inputs.batch, inputs.embeds
         alone = module.llm.encode([ex.student_prompt], num_speech_tokens=[int(lengths[0])], replies=[ex.reply], system=ex.system)
     n = int(alone.attention_mask.sum())
     assert torch.equal(mixed.input_ids[0, :n], alone.input_ids[0]) and torch.equal(mixed.labels[0, :n], alone.labels[0])
@@ -283,9 +285,7 @@ def test_reply_logits_equal_those_computed_by_hand(dialogue_setup):
     llm, adapter = module.llm, module.adapter
     ex = batch["examples"][1]
     with torch.no_grad():
-        enc, embeds = module.student_batch(batch, soft=module.soft_tokens(batch))
-        hidden = llm.hidden_states(embeds, enc.attention_mask)
-        h, targets = module.response_hidden(hidden, enc.labels)
+        h, targets = reply_hidden(llm, module.student_batch(batch, soft=module.soft_tokens(batch)))
         logits = llm.lm_head(h)
 
         # By hand: each clip through the adapter alone, the prompt from encode_dialogues, the splice by embed,
@@ -317,11 +317,11 @@ def test_the_student_prompt_is_the_inference_prompt(dialogue_setup, clips):
         {"role": "user", "content": [{"type": "audio", "audio": waves[1], "sample_rate": 16000}, "And now?"]},
     ]
     with torch.no_grad():
-        inputs, mask, prompt = dialogue_inputs(adapter, [parse_messages(messages)])
-        enc, embeds = module.student_batch(batch, soft=module.soft_tokens(batch))
-    n = prompt.input_ids.shape[1]
-    assert torch.equal(enc.input_ids[1, :n], prompt.input_ids[0])
-    torch.testing.assert_close(embeds[1, :n], inputs[0], rtol=1e-5, atol=1e-5)
+        served = dialogue_inputs(adapter, [parse_messages(messages)])
+        trained = module.student_batch(batch, soft=module.soft_tokens(batch))
+    n = served.batch.input_ids.shape[1]
+    assert torch.equal(trained.batch.input_ids[1, :n], served.batch.input_ids[0])
+    torch.testing.assert_close(trained.embeds[1, :n], served.embeds[0], rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_keys_of_single_turn_prompts_are_unchanged():
@@ -400,7 +400,7 @@ def test_kl_on_dialogues_uses_the_teacher_history(dialogue_setup, tiny_llm_dir, 
             hidden = kl.teacher_hidden(batch["examples"], [e.reply for e in batch["examples"]])
             alone = kl.llm.encode([ex.teacher_prompt], replies=[ex.reply], histories=[list(ex.teacher_history)])
             h = kl.llm.hidden_states(kl.llm.embed(alone), alone.attention_mask)
-            want, _ = kl.response_hidden(h, alone.labels)
+            want, _ = reply_positions(h, alone.labels)
         assert torch.isfinite(loss) and "kl" in " ".join(parts)
         torch.testing.assert_close(hidden[-want.shape[0]:], want, rtol=1e-4, atol=1e-4)
         ex.system = "Another system prompt."
@@ -429,7 +429,7 @@ def test_utterance_only_batches_keep_their_shape_and_path(dialogue_setup, tiny_l
     module = make_module(tiny_llm_dir, tiny_whisper_dir, system_prompt="You are a helpful assistant.", kl_weight=0.5, cache_encoder=True)
     with torch.no_grad():
         loss, parts = module.compute_loss(batch)
-        enc, _ = module.student_batch(batch)
+        enc = module.student_batch(batch).batch
         ex = batch["examples"][0]
         want = module.llm.encode([ex.student_prompt], num_speech_tokens=[int(module.adapter.token_lengths(batch["lengths"])[0])], replies=[ex.reply])
     assert torch.isfinite(loss) and torch.equal(enc.input_ids, want.input_ids) and torch.equal(enc.labels, want.labels)

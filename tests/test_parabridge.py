@@ -14,7 +14,7 @@ import torch
 from paraencoder.data.dataset import AlignmentDataset, collate
 from paraencoder.errors import AdapterMismatchError, ConfigError
 from paraencoder.eval.robustness import CONDITIONS, evaluate_robustness, is_aware, reply_loglik
-from paraencoder.train.methods.parabridge import ParaBridgeData, ParaBridgeModule, load_parabridge, parse_layers
+from paraencoder.train.methods.parabridge import ParaBridgeData, ParaBridgeModule, load_parabridge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_training_keeps_llm_bit_identical_and_saves_lora_separately(tmp_path, ti
     assert not any("lora_" in n for n, _ in shared.model.named_parameters())
     shared_before = {k: v.clone() for k, v in shared.model.state_dict().items()}
     base_before = {k: v.clone() for k, v in module.llm.model.state_dict().items() if "lora_" not in k}
-    lora_before = {k: v.clone() for k, v in module.lora_state_dict().items()}
+    lora_before = {k: v.clone() for k, v in module.lora.lora_state_dict().items()}
     assert lora_before and all(".layers.1." in k for k in lora_before)
     data = ParaBridgeData(
         train_manifest=str(toy_corpus / "manifest.jsonl"), tasks=["respond"], llm=str(tiny_llm_dir), batch_size=3,
@@ -176,10 +176,10 @@ def test_training_keeps_llm_bit_identical_and_saves_lora_separately(tmp_path, ti
     for k, v in module.llm.model.state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, base_before[k]), k
-    after = module.lora_state_dict()
+    after = module.lora.lora_state_dict()
     assert any(not torch.equal(after[k], lora_before[k]) for k in after if "lora_B" in k)
     opt = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
-    assert {id(p) for p in module.lora_params.values()} <= opt
+    assert {id(p) for p in module.lora.parameters()} <= opt
     out = tmp_path / "ad"
     assert {"adapter.safetensors", "adapter_config.json", "lora"} <= {p.name for p in out.iterdir()}
     assert {p.name for p in (out / "lora").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
@@ -204,10 +204,29 @@ def test_init_adapter_loads_weights_and_refuses_mismatch(tmp_path, tiny_llm_dir,
         make_module(tiny_llm_dir, tiny_whisper_dir, stack=3, init_adapter=str(tmp_path / "init"))
 
 
-def test_parse_layers():
-    assert parse_layers("2-4,7") == [2, 3, 4, 7] and parse_layers(None) is None and parse_layers(3) == [3]
+def test_lora_layers_spec_is_the_one_layer_parser(tiny_llm_dir, tiny_whisper_dir):
+    """ParaBridge's lora_layers go through the same parser as PE-FT's (None = every layer); a bad spec names the field."""
+    module = make_module(tiny_llm_dir, tiny_whisper_dir, lora_rank=2, lora_layers="1")
+    assert module.lora.config["layers"] == [1] and module.lora.enabled_by_default
+    assert make_module(tiny_llm_dir, tiny_whisper_dir, lora_rank=2, lora_layers=None).lora.config["layers"] == [0, 1]
     with pytest.raises(ConfigError, match="lora_layers"):
-        parse_layers("a-b")
+        make_module(tiny_llm_dir, tiny_whisper_dir, lora_rank=2, lora_layers="a-b")
+
+
+def test_checkpoints_of_the_old_lora_layout_resume(tiny_llm_dir, tiny_whisper_dir):
+    """A checkpoint written before the one LLMLoRA (``lora_params.<peft name>``) loads into the new module."""
+    module = make_module(tiny_llm_dir, tiny_whisper_dir, lora_rank=2, lora_layers="1")
+    new = {k: torch.randn_like(v) for k, v in module.state_dict().items() if k.startswith("lora.")}
+    old = {}
+    for key, value in new.items():
+        path, matrix = key[len("lora.weights."):].rsplit(".", 2)[:2]
+        old[f"lora_params.{path}__lora_{matrix}__default__weight"] = value
+    checkpoint = {"state_dict": old}
+    module.on_load_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == set(new)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    for key, value in new.items():
+        assert torch.equal(module.state_dict()[key], value), key
 
 
 def test_reply_loglik_matches_plain_forward(tiny_llm_dir):

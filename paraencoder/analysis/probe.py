@@ -32,6 +32,8 @@ import torch
 
 from paraencoder.errors import ConfigError
 from paraencoder.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from paraencoder.model.adapter import eval_mode
+from paraencoder.model.forward import hidden_states, speech_inputs
 
 PARALINGUISTIC = ("emotion", "age_group", "gender")
 SEMANTIC = ("sentence", "word")
@@ -130,39 +132,36 @@ def extract_layer_features(
         if cached is not None:
             return cached
 
-    was_training = encoder_or_adapter.training
-    encoder_or_adapter.eval()
-    device = next(encoder.parameters()).device
-    durations = [u.duration if u.duration is not None else 0.0 for u in utterances]
-    order = sorted(range(len(utterances)), key=lambda i: durations[i])  # similar lengths batch together: little padding
-    pooled: dict[str, list[tuple[int, np.ndarray]]] = {}
-    start = time.time()
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        waves = [load_audio(utterances[i].audio, offset=utterances[i].offset, duration=utterances[i].duration) for i in idx]
-        w, lengths = pad_waves(waves)
-        w, lengths = w.to(device), lengths.to(device)
-        out = encoder(w, lengths)
-        rows: dict[str, torch.Tensor] = {}
-        for layer, states in enumerate(out.hidden_states):
-            rows[f"encoder.{layer}"] = masked_pool(states.float(), out.lengths)
-        if adapter is not None:
-            soft, soft_lengths = adapter.project(out.hidden_states, out.lengths)
-            rows["projector"] = masked_pool(soft.float(), soft_lengths)
-            if llm is not None:
-                batch = llm.encode([prompt] * len(idx), num_speech_tokens=soft_lengths.tolist()).to(llm.device)
-                embeds = llm.embed(batch, soft.to(llm.device), soft_lengths.to(llm.device))
-                states = llm.hidden_states(embeds, batch.attention_mask, output_hidden_states=True).hidden_states
-                mask = batch.speech_mask.unsqueeze(-1).float()
-                counts = mask.sum(1).clamp(min=1)
-                for layer, h in enumerate(states):
-                    rows[f"llm.{layer}"] = (h.float() * mask).sum(1) / counts
-        for name, tensor in rows.items():
-            values = tensor.cpu().numpy().astype(np.float32)
-            pooled.setdefault(name, []).extend(zip(idx, values))
-        if progress and (b // batch_size) % 20 == 0:
-            print(f"  features {b + len(idx)}/{len(order)} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
-    encoder_or_adapter.train(was_training)
+    with eval_mode(encoder_or_adapter):
+        device = next(encoder.parameters()).device
+        durations = [u.duration if u.duration is not None else 0.0 for u in utterances]
+        order = sorted(range(len(utterances)), key=lambda i: durations[i])  # similar lengths batch together: little padding
+        pooled: dict[str, list[tuple[int, np.ndarray]]] = {}
+        start = time.time()
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            waves = [load_audio(utterances[i].audio, offset=utterances[i].offset, duration=utterances[i].duration) for i in idx]
+            w, lengths = pad_waves(waves)
+            w, lengths = w.to(device), lengths.to(device)
+            out = encoder(w, lengths)
+            rows: dict[str, torch.Tensor] = {}
+            for layer, states in enumerate(out.hidden_states):
+                rows[f"encoder.{layer}"] = masked_pool(states.float(), out.lengths)
+            if adapter is not None:
+                soft, soft_lengths = adapter.project(out.hidden_states, out.lengths)
+                rows["projector"] = masked_pool(soft.float(), soft_lengths)
+                if llm is not None:
+                    inputs = speech_inputs(llm, [prompt] * len(idx), soft, soft_lengths)
+                    states = hidden_states(llm, inputs, output_hidden_states=True).hidden_states
+                    mask = inputs.batch.speech_mask.unsqueeze(-1).float()
+                    counts = mask.sum(1).clamp(min=1)
+                    for layer, h in enumerate(states):
+                        rows[f"llm.{layer}"] = (h.float() * mask).sum(1) / counts
+            for name, tensor in rows.items():
+                values = tensor.cpu().numpy().astype(np.float32)
+                pooled.setdefault(name, []).extend(zip(idx, values))
+            if progress and (b // batch_size) % 20 == 0:
+                print(f"  features {b + len(idx)}/{len(order)} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     features = {}
     for name, items in pooled.items():
         items.sort(key=lambda t: t[0])

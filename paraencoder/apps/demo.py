@@ -30,7 +30,7 @@ from pathlib import Path
 
 from paraencoder.io import atomic_write_json, atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RELEASED = REPO / "checkpoints" / "hearing-whisper-base-smollm2"
 QUICK_PER_CLASS = {"emotion": 6, "age": 24}
 """Held-out clips per class in ``--quick`` (48 RAVDESS, 48 speechocean762: every class present)."""

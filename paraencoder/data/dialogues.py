@@ -41,6 +41,7 @@ import torch
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.data.manifest import LABEL_FIELDS, SPEECH_PLACEHOLDER, _check_unicode, _parse_row, _read_lines, check_id
 from paraencoder.model.dialogue import add_turn
+from paraencoder.model.forward import splice
 from paraencoder.errors import ManifestError, PromptError
 
 SPEECH = SPEECH_PLACEHOLDER
@@ -506,13 +507,13 @@ def per_example_soft(soft: torch.Tensor, soft_lengths: torch.Tensor, clip_counts
 
 
 def dialogue_student_batch(llm, examples: Sequence[AlignmentExample], soft: torch.Tensor, soft_lengths: torch.Tensor, clip_counts: Sequence[int], replies, *, prompts=None, device=None):
-    """``(PromptBatch with labels, inputs_embeds)`` of a batch mixing dialogue and single-clip examples.
+    """The student's :class:`~paraencoder.model.forward.LLMInputs` (labels = the replies) of a batch mixing dialogue and single-clip examples.
 
     ``soft``/``soft_lengths`` are the adapter's tokens for every clip of the batch (one forward, in
     the batch's clip order); ``clip_counts[i]`` clips belong to example i. The prompts come from
     :meth:`FrozenLLM.encode_dialogues` (a single-clip example is a one-turn dialogue, which renders
     as :meth:`FrozenLLM.encode` renders it), the replies are appended as labels, and the soft tokens
-    are spliced by :meth:`FrozenLLM.embed`.
+    are spliced by :func:`paraencoder.model.forward.splice`.
     """
     per, packed, lengths = per_example_soft(soft, soft_lengths, clip_counts)
     dialogues = student_dialogues(examples, prompts)
@@ -524,7 +525,7 @@ def dialogue_student_batch(llm, examples: Sequence[AlignmentExample], soft: torc
     except PromptError as exc:
         raise PromptError(f"{exc} (batch examples: {', '.join(names)})") from None
     enc = append_replies(llm, prompt, replies, names=names).to(device if device is not None else llm.device)
-    return enc, llm.embed(enc, packed, lengths)
+    return splice(llm, enc, packed, lengths)
 
 
 __all__ = [

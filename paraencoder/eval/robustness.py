@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 
 from paraencoder.audio import load_audio, pad_waves
+from paraencoder.model.adapter import eval_mode
+from paraencoder.model.forward import generate, hidden_states, speech_inputs
 from paraencoder.prompts import SCAFFOLD
 
 COMPETING_INSTRUCTION = "Answer as briefly as possible, ignore everything else."
@@ -107,11 +109,8 @@ def soft_tokens_for(adapter, examples: Sequence) -> tuple[torch.Tensor, torch.Te
     waves = [load_audio(ex.audio, offset=getattr(ex, "offset", 0.0) or 0.0, duration=getattr(ex, "duration", None)) for ex in examples]
     w, lengths = pad_waves(waves)
     device = adapter.llm.device
-    was_training = adapter.training
-    adapter.eval()
-    soft, soft_lengths = adapter(w.to(device), lengths.to(device))
-    adapter.train(was_training)
-    return soft, soft_lengths
+    with eval_mode(adapter):
+        return adapter(w.to(device), lengths.to(device))
 
 
 @torch.no_grad()
@@ -121,9 +120,8 @@ def generate_replies(
 ) -> tuple[list[str], list[list[int]]]:
     """Greedy replies (texts and token ids) to speech prompts in a given context (KV-cached)."""
     histories = [tuple(history)] * len(prompts) if history else None
-    enc = llm.encode(list(prompts), num_speech_tokens=soft_lengths.tolist(), system=system, histories=histories, padding_side="left").to(llm.device)
-    embeds = llm.embed(enc, soft, soft_lengths)
-    return llm.generate_embeds(embeds, enc.attention_mask, max_new_tokens=max_new_tokens, do_sample=False, return_ids=True)
+    inputs = speech_inputs(llm, prompts, soft, soft_lengths, system=system, histories=histories, padding_side="left")
+    return generate(llm, inputs, max_new_tokens=max_new_tokens, do_sample=False, return_ids=True)
 
 
 @torch.no_grad()
@@ -136,17 +134,12 @@ def reply_loglik(
     Text prompts when ``soft`` is ``None``; speech prompts (one ``<speech>`` each) otherwise.
     """
     histories = [tuple(history)] * len(prompts) if history else None
-    speech = soft is not None
-    enc = llm.encode(
-        list(prompts), num_speech_tokens=soft_lengths.tolist() if speech else None, replies=list(replies), system=system,
-        histories=histories, require_speech=speech,
-    ).to(llm.device)
-    embeds = llm.embed(enc, soft, soft_lengths) if speech else llm.embed(enc)
-    hidden = llm.hidden_states(embeds, enc.attention_mask, batch=enc)
+    inputs = speech_inputs(llm, prompts, soft, soft_lengths, replies=list(replies), system=system, histories=histories)
+    hidden = hidden_states(llm, inputs)
     head = llm.lm_head
     out = []
     for i in range(hidden.shape[0]):
-        targets = enc.labels[i, 1:]
+        targets = inputs.batch.labels[i, 1:]
         mask = targets != -100
         logits = head(hidden[i, :-1][mask]).float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[mask][:, None]).squeeze(-1)

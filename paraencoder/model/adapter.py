@@ -15,7 +15,7 @@ import stat
 import struct
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from paraencoder.audio import load_audio, pad_waves
 from paraencoder.model.encoders import SpeechEncoder
 from paraencoder.errors import AdapterMismatchError, ConfigError, PromptError, UnsafeFileError, shorten
 from paraencoder.io import atomic_write_bytes, atomic_write_json
+from paraencoder.model.forward import generate, speech_inputs
 from paraencoder.model.llm import SPEECH, FrozenLLM, check_system_prompt
 from paraencoder.model.cue import VerbalCue, check_cue_config
 from paraencoder.model.projector import LayerSelect, Projector, UtteranceSummary
@@ -36,6 +37,18 @@ MAX_ADAPTER_BYTES = 4 * 1024**3  # refuse absurd files before reading them
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode inside the block; its train/eval mode is restored after, also when the block
+    raises (a bad input or an interrupt must not leave a training module in eval mode)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class SpeechAdapter(nn.Module):
@@ -231,12 +244,8 @@ class SpeechAdapter(nn.Module):
         waves, lengths, single = self._load_batch(audio, sample_rate)
         device = next(self.parameters()).device
         out = self.encode(waves.to(device), lengths.to(device))
-        was = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             logits = self.cue.logits(out.hidden_states, out.lengths)
-        finally:
-            self.train(was)
         rows = [
             {a: {label: round(float(p), 4) for label, p in zip(self.cue.labels[a], torch.softmax(lg[b].float(), -1).tolist())} for a, lg in logits.items()}
             for b in range(waves.shape[0])
@@ -315,9 +324,7 @@ class SpeechAdapter(nn.Module):
         Returns one string for one input, else a list.
         """
         llm = self.llm
-        was_training = self.training
-        self.eval()
-        try:  # a bad input (or an interrupt) must not leave a training module in eval mode
+        with eval_mode(self):
             device = llm.device
             waves, lengths, single = self._load_batch(audio, sample_rate)
             if isinstance(prompt, str):
@@ -329,13 +336,8 @@ class SpeechAdapter(nn.Module):
             waves, lengths = waves.to(device), lengths.to(device)
             soft, soft_lengths = self._speech_tokens_for(waves, lengths)
             system = self.system_prompt if system is None else system
-            batch = llm.encode(prompts, num_speech_tokens=soft_lengths.tolist(), system=system, padding_side="left").to(device)
-            embeds = llm.embed(batch, soft, soft_lengths)
-            texts = llm.generate_embeds(
-                embeds, batch.attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, batch=batch
-            )
-        finally:
-            self.train(was_training)
+            inputs = speech_inputs(llm, prompts, soft, soft_lengths, system=system, padding_side="left")
+            texts = generate(llm, inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
         return texts[0] if single else texts
 
     @torch.no_grad()
@@ -346,12 +348,9 @@ class SpeechAdapter(nn.Module):
         from paraencoder.model.dialogue import LONG_AUDIO_MAX_SECONDS, speech_tokens
 
         max_seconds = window_kw.get("max_seconds", LONG_AUDIO_MAX_SECONDS)
-        was_training = self.training
-        self.eval()
-        waves = [load_audio(c, sample_rate, max_seconds=max_seconds) for c in clips]
-        out = speech_tokens(self, waves, **window_kw)
-        self.train(was_training)
-        return out
+        with eval_mode(self):
+            waves = [load_audio(c, sample_rate, max_seconds=max_seconds) for c in clips]
+            return speech_tokens(self, waves, **window_kw)
 
     @torch.no_grad()
     def chat(
@@ -382,13 +381,9 @@ class SpeechAdapter(nn.Module):
         max_seconds = window_kw.get("max_seconds", LONG_AUDIO_MAX_SECONDS)
         dialogues = [parse_messages(m, sample_rate=sample_rate, max_seconds=max_seconds) for m in conversations]
         llm = self.llm
-        was_training = self.training
-        self.eval()
-        embeds, attention_mask, _ = dialogue_inputs(self, dialogues, **window_kw)
-        texts = llm.generate_embeds(
-            embeds, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, generator_seed=seed
-        )
-        self.train(was_training)
+        with eval_mode(self):
+            inputs = dialogue_inputs(self, dialogues, **window_kw)
+            texts = generate(llm, inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, generator_seed=seed)
         return texts[0] if single else texts
 
     # -- save / load ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@
   overlapping windows, each window is encoded on its own, half of each overlap is dropped on either
   side and the frame tokens are concatenated: time and memory grow linearly with the duration, and
   the token count equals ``adapter.token_lengths`` of the whole clip.
-* :func:`dialogue_inputs` builds the frozen LLM's input embeddings for a batch of dialogues (what
-  :meth:`SpeechAdapter.chat` and the server generate from).
+* :func:`dialogue_inputs` builds the frozen LLM's inputs for a batch of dialogues (a
+  :class:`~paraencoder.model.forward.LLMInputs`: what :meth:`SpeechAdapter.chat` and the server generate from).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from paraencoder.audio import SAMPLE_RATE, load_audio, load_audio_bytes, pad_waves
 from paraencoder.errors import AudioError, ConfigError, PromptError
+from paraencoder.model.forward import LLMInputs, splice
 from paraencoder.model.llm import SPEECH
 
 LONG_AUDIO_MAX_SECONDS = 300.0
@@ -280,8 +281,8 @@ def speech_tokens(
 
 
 @torch.no_grad()
-def dialogue_inputs(adapter, dialogues: Sequence[Dialogue], **speech_kw):
-    """``(inputs_embeds [B, L, H], attention_mask [B, L], PromptBatch)`` for a batch of dialogues, left-padded."""
+def dialogue_inputs(adapter, dialogues: Sequence[Dialogue], **speech_kw) -> LLMInputs:
+    """The LLM's inputs (:class:`~paraencoder.model.forward.LLMInputs`) for a batch of dialogues, left-padded."""
     llm = adapter.llm
     device = llm.device
     flat = [c for d in dialogues for c in d.clips]
@@ -298,14 +299,14 @@ def dialogue_inputs(adapter, dialogues: Sequence[Dialogue], **speech_kw):
         padding_side="left",
     ).to(device)
     if not flat:
-        return llm.embed(batch), batch.attention_mask, batch
+        return splice(llm, batch)
     lengths = torch.tensor([sum(t.shape[0] for t in toks) for toks in per_dialogue], device=device)
     soft = torch.zeros(len(dialogues), max(1, int(lengths.max())), llm.hidden_size, device=device, dtype=tokens[0].dtype)
     for i, toks in enumerate(per_dialogue):
         if toks:
             row = torch.cat(toks)
             soft[i, : row.shape[0]] = row
-    return llm.embed(batch, soft, lengths), batch.attention_mask, batch
+    return splice(llm, batch, soft, lengths)
 
 
 def chat_inputs_from_messages(adapter, conversations: Sequence[Sequence[dict]], *, sample_rate: int | None = None, max_seconds: float = LONG_AUDIO_MAX_SECONDS, **speech_kw):

@@ -569,11 +569,15 @@ class FrozenLLM:
         generator_seed: int | None = None,
         return_ids: bool = False,
         batch: PromptBatch | None = None,
+        streamer=None,
+        stopping_criteria=None,
     ):
         """Generate from left-padded ``inputs_embeds`` (KV-cached). Returns decoded strings (and ids).
 
         ``batch`` (the :class:`PromptBatch` the embeddings came from) lets greedy decoding take the
         prompt prefix every row shares from the prefix cache instead of recomputing it.
+        ``streamer`` / ``stopping_criteria`` (transformers' objects; the server streams and stops rows
+        on stop strings) run ``model.generate`` token by token with them.
 
         ``generator_seed`` seeds the sampling only: the global random generator is restored after
         (whether replies were generated or found cached must not change what a run draws later).
@@ -585,8 +589,9 @@ class FrozenLLM:
                 return self.generate_embeds(
                     inputs_embeds, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature, top_p=top_p, return_ids=return_ids, batch=batch,
+                    streamer=streamer, stopping_criteria=stopping_criteria,
                 )
-        if not do_sample and self.fast_greedy:
+        if not do_sample and self.fast_greedy and streamer is None and stopping_criteria is None:
             ids = [self._strip(row) for row in self.greedy_ids(inputs_embeds, attention_mask, max_new_tokens=max_new_tokens, batch=batch)]
         else:
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._end_ids)
@@ -594,6 +599,10 @@ class FrozenLLM:
                 kwargs.update(temperature=temperature, top_p=top_p)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
+            if streamer is not None:
+                kwargs["streamer"] = streamer
+            if stopping_criteria is not None:
+                kwargs["stopping_criteria"] = stopping_criteria
             out = self.model.generate(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs)
             ids = [self._strip(row.tolist()) for row in out]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
@@ -656,9 +665,10 @@ class FrozenLLM:
 
     @torch.no_grad()
     def generate_text(self, prompts: Sequence[str], *, system: str | None = None, histories=None, **gen) -> list[str]:
-        """Teacher-side generation from text prompts (no speech)."""
-        batch = self.encode(prompts, system=system, histories=histories, padding_side="left", require_speech=False).to(self.device)
-        return self.generate_embeds(self.embed(batch), batch.attention_mask, batch=batch, **gen)
+        """Teacher-side generation from text prompts (no speech), through the one forward (:mod:`paraencoder.model.forward`)."""
+        from paraencoder.model.forward import generate, speech_inputs
+
+        return generate(self, speech_inputs(self, prompts, system=system, histories=histories, padding_side="left"), **gen)
 
     # -- dialogues: several clips per prompt, speech in earlier turns --------------------------
     def encode_dialogues(

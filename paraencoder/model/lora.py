@@ -19,14 +19,16 @@ and teacher-reply generation, and must stay the bit-identical frozen base.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
+from torch import nn
 
 from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError, shorten
 from paraencoder.io import atomic_write_bytes
@@ -229,6 +231,94 @@ def load_lora(directory: str | os.PathLike, section: dict, llm: FrozenLLM) -> Fr
             p.copy_(state[key])
     private.model.requires_grad_(False)
     return private
+
+
+class LLMLoRA(nn.Module):
+    """A trainable LoRA (``peft``) on a private copy of a frozen LLM: the one LoRA every method trains.
+
+    The copy is :attr:`llm` (the LLM passed in, shared and memoised, is never modified). The LoRA
+    matrices live inside the copy's modules (where ``peft`` puts them) *and* in this module's
+    ``weights`` ModuleDict, so registering an ``LLMLoRA`` in a LightningModule puts exactly the LoRA
+    parameters in the optimizer and in checkpoints; the copy's base weights are not parameters of
+    this module and never change. :meth:`save` writes peft's layout (:func:`save_lora`), which
+    :meth:`SpeechAdapter.from_pretrained <paraencoder.model.adapter.SpeechAdapter.from_pretrained>`
+    applies.
+
+    Args:
+        llm: the frozen LLM to copy.
+        layers: LLM decoder layers that get LoRA (``"all"`` or ``None``, ``"10-20"``, ``"0,3"``, a list).
+        rank, alpha: LoRA rank and scaling numerator (scaling = alpha / rank).
+        targets: module names to wrap (``q_proj``, ``v_proj``, ...).
+        enabled: whether the LoRA path is on outside :meth:`active` (PE-FT: off, on for the student's
+            forward; ParaBridge: on, off for the teacher view).
+    """
+
+    def __init__(self, llm: FrozenLLM, layers: str | Sequence[int] | None = "all", rank: int = 8, alpha: float = 16.0,
+                 targets: Sequence[str] = ("q_proj", "v_proj"), *, enabled: bool = False):
+        super().__init__()
+        from peft.tuners.lora import LoraLayer
+
+        from paraencoder.model.encoders.base import parse_layer_spec
+
+        if rank < 1:
+            raise ConfigError(f"lora_rank={rank} must be >= 1")
+        config = llm.model.config
+        num_layers = int(getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers)
+        spec = "all" if layers is None else (list(layers) if isinstance(layers, (list, tuple)) else layers)
+        chosen = parse_layer_spec(spec, num_layers, name="lora_layers")
+        if not chosen:
+            raise ConfigError("lora_layers selects no LLM layer; use 'all', a range like '10-20' or leave LoRA off")
+        private = private_copy(llm)
+        self.config = {"layers": chosen, "rank": int(rank), "alpha": float(alpha), "targets": list(targets), "llm": dict(llm.identity)}
+        self.peft_config = make_lora_config(rank, alpha, targets, chosen)
+        inject_lora(private, self.peft_config, ADAPTER_NAME)
+        self._llm = [private]  # a list: keep the LLM out of this module's submodules (and state_dict)
+        self._layers: list[tuple[str, LoraLayer]] = [
+            (path, m) for path, m in private.model.named_modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A
+        ]
+        self.weights = nn.ModuleDict(
+            {path.replace(".", "__"): nn.ModuleDict({"A": m.lora_A[ADAPTER_NAME], "B": m.lora_B[ADAPTER_NAME]}) for path, m in self._layers}
+        )
+        self.enabled_by_default = bool(enabled)
+        self.set_enabled(self.enabled_by_default)
+
+    @property
+    def llm(self) -> FrozenLLM:
+        """The private LLM copy that carries this LoRA."""
+        return self._llm[0]
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the LoRA path on or off in every wrapped layer (parameters stay trainable)."""
+        for _, layer in self._layers:
+            if enabled:
+                layer.set_adapter(ADAPTER_NAME)
+            layer.enable_adapters(enabled)
+        # peft's toggles also flip requires_grad; the LoRA must stay trainable for the optimizer and DDP.
+        for p in self.weights.parameters():
+            p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def active(self, enabled: bool = True) -> Iterator[None]:
+        """``with lora.active(): ...`` runs the LLM with the LoRA (``active(False)``: the frozen base), then
+        returns to the default state (``enabled`` at construction), also when the block raises."""
+        self.set_enabled(enabled)
+        try:
+            yield
+        finally:
+            self.set_enabled(self.enabled_by_default)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"<llm module path>.lora_A.weight": ..., ".lora_B.weight": ...}`` on CPU."""
+        state = {}
+        for path, layer in self._layers:
+            state[f"{path}.lora_A.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach().cpu().contiguous()
+            state[f"{path}.lora_B.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().cpu().contiguous()
+        return state
+
+    def save(self, directory: str | os.PathLike) -> dict:
+        """Write the LoRA in peft's layout into ``directory/lora`` (:func:`save_lora`); returns the ``lora``
+        section for the adapter config."""
+        return save_lora(directory, self.llm, self.peft_config, ADAPTER_NAME)
 
 
 def copy_lora(source: str | os.PathLike, target: str | os.PathLike, section: dict) -> None:

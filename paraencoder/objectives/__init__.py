@@ -39,6 +39,10 @@ class ObjectiveMix(nn.Module):
     *unweighted*, detached value of each computed part (``"ce"``, ``"kl"``, ``"jsd"``, ``"aux"``)
     for logging. With every weight 0 the total is an attached 0. KL and JSD skip tokens whose target is ``ignore_index``. The auxiliary loss
     (e.g. :meth:`DualLevelHead.loss`) is computed by the caller and passed as ``aux_loss``.
+
+    ``extra_terms`` adds losses a training method computes itself (a classification head, the verbal
+    cue's classifiers): ``{name: (weight, loss)}``, summed after the response terms in that order, each
+    logged under its name. So every loss of every method is added in this one place.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class ObjectiveMix(nn.Module):
         bias: torch.Tensor | None = None,
         token_weight: torch.Tensor | None = None,
         aux_loss: torch.Tensor | None = None,
+        extra_terms: dict[str, tuple[float, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         w = self.weights
         parts: dict[str, torch.Tensor] = {}
@@ -114,6 +119,11 @@ class ObjectiveMix(nn.Module):
                 raise ConfigError("aux_weight > 0 needs aux_loss (e.g. the first value of DualLevelHead.loss)")
             parts["aux"] = aux_loss
             terms.append(w["aux"] * aux_loss)
+        for name, (term_weight, loss) in (extra_terms or {}).items():
+            if name in parts:
+                raise ConfigError(f"extra loss term {name!r} has the name of a response term; give it another name")
+            parts[name] = loss
+            terms.append(term_weight * loss)
         # All weights 0 (a subclass computing its own loss) gives an attached 0, not an error.
         total = terms[0] if terms else hidden.sum() * 0.0
         for term in terms[1:]:

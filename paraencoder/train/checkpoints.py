@@ -144,7 +144,7 @@ def export_checkpoint(
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
         known |= set(inspect.signature(AlignmentModule.__init__).parameters) - {"self"}
     module = cls(**{k: v for k, v in hparams.items() if k in known})
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing, unexpected = module.load_state_dict(module.upgrade_state_dict(state), strict=False)
     if unexpected:
         raise ConfigError(
             f"{checkpoint} holds tensors {unexpected[:5]} that {cls.__name__} does not have; pass the module class that "

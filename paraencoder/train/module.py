@@ -20,6 +20,7 @@ import torch
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.errors import ConfigError
 from paraencoder.model.adapter import SpeechAdapter
+from paraencoder.model.forward import hidden_states, reply_hidden, reply_positions, speech_inputs
 from paraencoder.model.llm import FrozenLLM
 from paraencoder.objectives import ObjectiveMix
 
@@ -230,7 +231,8 @@ class AlignmentModule(L.LightningModule):
         histories=None,
         soft: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        """Soft tokens for the batch's audio spliced into the student prompts (+ replies as labels).
+        """The student's :class:`~paraencoder.model.forward.LLMInputs`: the batch's soft tokens spliced into the
+        student prompts, replies as labels.
 
         ``soft`` = precomputed ``(soft_tokens, token_lengths)`` (e.g. shared with a rollout)."""
         examples: list[AlignmentExample] = batch["examples"]
@@ -244,16 +246,10 @@ class AlignmentModule(L.LightningModule):
             if histories:
                 raise ConfigError("student histories cannot be combined with dialogue examples (their turns are the history)")
             return dialogue_student_batch(self.llm, examples, soft, soft_lengths, batch["clip_counts"], replies, prompts=prompts, device=self.device)
-        enc = self.llm.encode(
-            prompts,
-            num_speech_tokens=soft_lengths.tolist(),
-            replies=replies,
-            system=examples[0].system if examples else None,
-            histories=histories,
-            sources=[f"utterance {ex.utt_id!r} ({ex.task}, {ex.audio})" for ex in examples],
-        ).to(self.device)
-        embeds = self.llm.embed(enc, soft, soft_lengths)
-        return enc, embeds
+        return speech_inputs(
+            self.llm, prompts, soft, soft_lengths, replies=replies, system=examples[0].system if examples else None,
+            histories=histories, sources=[f"utterance {ex.utt_id!r} ({ex.task}, {ex.audio})" for ex in examples],
+        )
 
     def soft_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's soft tokens for the batch, reusing cached frozen-encoder outputs when allowed."""
@@ -335,13 +331,6 @@ class AlignmentModule(L.LightningModule):
             self._disk_states = EncoderStateCache(root, encoder_id)
         return self._disk_states
 
-    @staticmethod
-    def response_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states that predict reply tokens ``[N, H]`` and those tokens ``[N]`` (shifted by one)."""
-        targets = labels[:, 1:]
-        mask = targets != -100
-        return hidden[:, :-1][mask], targets[mask]
-
     def teacher_hidden(self, examples: list[AlignmentExample], replies) -> torch.Tensor:
         """The teacher's hidden states at the same reply tokens, from its text prompt (no gradient)."""
         if len({ex.system for ex in examples}) > 1:
@@ -357,13 +346,12 @@ class AlignmentModule(L.LightningModule):
             )
         histories = [list(getattr(ex, "teacher_history", ()) or ()) for ex in examples]
         with torch.no_grad():
-            enc = self.llm.encode(
-                [ex.teacher_prompt for ex in examples], replies=replies, system=examples[0].system,
+            inputs = speech_inputs(
+                self.llm, [ex.teacher_prompt for ex in examples], replies=replies, system=examples[0].system,
                 histories=histories if any(histories) else None,
                 sources=[f"teacher prompt of utterance {ex.utt_id!r} ({ex.task})" for ex in examples],
-            ).to(self.device)
-            hidden = self.llm.hidden_states(self.llm.embed(enc), enc.attention_mask, batch=enc)
-            h, _ = self.response_hidden(hidden, enc.labels)
+            )
+            h, _ = reply_hidden(self.llm, inputs)
         return h
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -371,14 +359,27 @@ class AlignmentModule(L.LightningModule):
         replies = [ex.reply for ex in examples]
         *soft, cue_logits = self.soft_tokens_with_cue(batch)
         soft = tuple(soft)
-        enc, embeds = self.student_batch(batch, replies, soft=soft)
-        hidden = self.llm.hidden_states(embeds, enc.attention_mask, batch=enc)
         if (self.aux is not None or cue_logits) and batch.get("clip_counts") is not None:
             raise ConfigError(
                 "model.aux_head and model.cue classify one clip per example; they cannot train on dialogue examples "
                 "(data.dialogue_manifest): set aux_head: none and cue: null"
             )
-        loss, parts = self._response_loss(examples, replies, enc, hidden)
+        inputs = self.student_batch(batch, replies, soft=soft)
+        hidden = hidden_states(self.llm, inputs)
+        terms, logs = self.extra_terms(batch, soft, cue_logits)
+        loss, parts = self._response_loss(examples, replies, inputs.batch.labels, hidden, terms)
+        return loss, {**parts, **{k: v.detach() for k, v in logs.items()}}
+
+    def extra_terms(self, batch: dict, soft: tuple[torch.Tensor, torch.Tensor], cue_logits: dict) -> tuple[dict, dict]:
+        """Loss terms besides the reply objective, ``{name: (weight, loss)}``, and extra values to log.
+
+        :class:`~paraencoder.objectives.ObjectiveMix` adds them after the reply terms. The spine has
+        the summary-token head (``aux_head``) and the verbal cue's classifiers (``cue_weight``);
+        methods extend the dict (PE-FT adds its dual-level head as ``aux``).
+        """
+        examples = batch["examples"]
+        terms: dict[str, tuple[float, torch.Tensor]] = {}
+        logs: dict[str, torch.Tensor] = {}
         if self.aux is not None:
             # The summary tokens come first in each clip's prefix (the cue's tokens follow them).
             logits = self.aux(soft[0][:, : self.adapter.summary.num_tokens])
@@ -387,11 +388,13 @@ class AlignmentModule(L.LightningModule):
             for attr, (right, n) in self.aux.accuracy(logits, labels).items():
                 if n:
                     aux_parts[f"aux_acc/{attr}"] = torch.tensor(right / n)
-            loss, parts = loss + self.hparams.aux_weight * aux_loss, {**parts, **aux_parts}
+            terms["aux_head"] = (self.hparams.aux_weight, aux_loss)
+            logs.update(aux_parts)
         if cue_logits and self.hparams.cue_weight > 0:
             cue_loss, cue_parts = self.adapter.cue.loss(cue_logits, {a: [ex.labels.get(a) for ex in examples] for a in cue_logits})
-            loss, parts = loss + self.hparams.cue_weight * cue_loss, {**parts, **cue_parts}
-        return loss, parts
+            terms["cue"] = (self.hparams.cue_weight, cue_loss)
+            logs.update(cue_parts)
+        return terms, logs
 
     def fit_cue_if_needed(self) -> None:
         """Fit the verbal cue once, before the first step (and before the learning curve's step-0 point)."""
@@ -445,16 +448,17 @@ class AlignmentModule(L.LightningModule):
         print(f"cue classifiers fitted on {len(keys)} clips: " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
         return result
 
-    def _response_loss(self, examples, replies, enc, hidden):
-        """The reply objective (CE / KL through ``ObjectiveMix``) from the LLM's hidden states."""
-        h, targets = self.response_hidden(hidden, enc.labels)
+    def _response_loss(self, examples, replies, labels: torch.Tensor, hidden: torch.Tensor, extra_terms: dict | None = None):
+        """The reply objective (CE / KL) plus ``extra_terms``, all through ``ObjectiveMix``, from the LLM's hidden
+        states and the batch's labels."""
+        h, targets = reply_positions(hidden, labels)
         head = self.llm.lm_head
         bias = getattr(head, "bias", None)
         if self.hparams.kl_weight > 0 and self.hparams.teacher_topk > 0:
-            topk = self.cached_teacher_topk(examples, replies, enc.labels)
-            return self.objective(h, head.weight, targets, teacher_topk=topk, bias=bias)
+            topk = self.cached_teacher_topk(examples, replies, labels)
+            return self.objective(h, head.weight, targets, teacher_topk=topk, bias=bias, extra_terms=extra_terms)
         teacher = self.teacher_hidden(examples, replies) if self.hparams.kl_weight > 0 else None
-        return self.objective(h, head.weight, targets, teacher_hidden=teacher, bias=bias)
+        return self.objective(h, head.weight, targets, teacher_hidden=teacher, bias=bias, extra_terms=extra_terms)
 
     def cached_teacher_topk(self, examples: list[AlignmentExample], replies, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's top-k logits at each reply token, computed once per example and kept on CPU.
@@ -499,21 +503,25 @@ class AlignmentModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["examples"]), sync_dist=True)
 
     # -- optimisation ------------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """What the optimizer updates (subclasses add e.g. LoRA or auxiliary heads)."""
+    def param_groups(self) -> list[dict]:
+        """What the optimizer updates: parameter groups (``params``, ``lr``, ``weight_decay``).
+
+        The spine trains the adapter (and the summary-token head): matrices with ``weight_decay``,
+        vectors without, at ``lr``. Methods append their parts (a LoRA, a head) or regroup (encoder
+        layers at their own rate); :meth:`configure_optimizers` builds the one AdamW and the one
+        warm-up + cosine schedule over whatever this returns.
+        """
         params = [p for p in self.adapter.parameters() if p.requires_grad]
         if getattr(self, "aux", None) is not None:
             params += [p for p in self.aux.parameters() if p.requires_grad]
-        return params
+        hp = self.hparams
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay, "lr": hp.lr},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": hp.lr},
+        ]
 
     def configure_optimizers(self):
-        params = self.trainable_parameters()
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-        )
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1000
         warmup = min(self.hparams.warmup_steps, max(0, total - 1))
 
@@ -530,6 +538,16 @@ class AlignmentModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {f"adapter.{k}" for k in self.adapter.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep or not k.startswith("adapter.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.upgrade_state_dict(checkpoint["state_dict"])
+
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """A checkpoint's state dict with tensors of older layouts renamed to this version's (resume, export).
+
+        The spine's names have not changed; methods whose parts moved override this.
+        """
+        return state
 
     def on_train_end(self) -> None:
         if self.trainer is not None and not self.trainer.is_global_zero:

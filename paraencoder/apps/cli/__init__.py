@@ -83,7 +83,8 @@ def _pop_threads(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _lightning_help(command: str) -> str:
-    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    # paraencoder/apps/cli/__init__.py -> the repository's recipes/ (a source checkout; none in a wheel)
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "recipes")
     names = sorted(n[:-5] for n in os.listdir(recipes) if n.endswith(".yaml")) if os.path.isdir(recipes) else []
     what = "train an adapter" if command == "fit" else "validation loss of a recipe / checkpoint"
     return "\n".join([

@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from paraencoder.model.dialogue import Dialogue, dialogue_inputs
+from paraencoder.model.forward import generate
 
 
 @dataclass(frozen=True)
@@ -145,30 +146,17 @@ class Engine:
         if len(sampled) != 1:
             raise ValueError("one batch takes requests with the same sampling settings (the batcher groups them)")
         first = params[0]
-        embeds, attention_mask, _ = dialogue_inputs(self.adapter, dialogues, **self.speech_kw)
+        inputs = dialogue_inputs(self.adapter, dialogues, **self.speech_kw)
         end_ids = frozenset(llm._end_ids)
         rows = [_Row(llm.tokenizer, end_ids, p.max_new_tokens, tuple(p.stop), sink) for p, sink in zip(params, sinks)]
         tracker = _Rows(rows)
-        kwargs = dict(
-            max_new_tokens=max(p.max_new_tokens for p in params),
-            do_sample=first.do_sample,
-            pad_token_id=llm.tokenizer.pad_token_id,
-            eos_token_id=llm._end_ids,
+        # Streaming and per-row stop strings: the tracker sees every token as it is decoded.
+        generate(
+            llm, inputs, max_new_tokens=max(p.max_new_tokens for p in params), do_sample=first.do_sample,
+            temperature=first.temperature, top_p=first.top_p, generator_seed=first.seed if first.do_sample else None,
+            streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]),
         )
-        if first.do_sample:
-            kwargs.update(temperature=first.temperature, top_p=first.top_p)
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        llm.model.generate(
-            inputs_embeds=embeds.to(llm.dtype),
-            attention_mask=attention_mask,
-            streamer=tracker,
-            stopping_criteria=StoppingCriteriaList([tracker]),
-            **kwargs,
-        )
-        prompt_tokens = attention_mask.sum(dim=1).tolist()
+        prompt_tokens = inputs.attention_mask.sum(dim=1).tolist()
         return [
             Result(row.final_text(), row.reason, int(n), len(row.ids), len(rows)) for row, n in zip(rows, prompt_tokens)
         ]

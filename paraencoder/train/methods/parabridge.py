@@ -23,43 +23,22 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-from torch import nn
 
 from paraencoder.data.dataset import AlignmentExample
 from paraencoder.errors import ConfigError
+from paraencoder.model.forward import generate, reply_hidden, speech_inputs
 from paraencoder.model.llm import FrozenLLM
-from paraencoder.model.lora import ADAPTER_NAME, inject_lora, make_lora_config, private_copy, save_lora
+from paraencoder.model.lora import LLMLoRA
+from paraencoder.objectives import ObjectiveMix
 from paraencoder.prompts import SCAFFOLD
 from paraencoder.train.data import AlignmentData
 from paraencoder.train.module import AlignmentModule
 
 TEACHER_VIEWS = ("scaffold", "text")
 SCAFFOLD_POSITIONS = ("system", "prefix")
-
-
-def parse_layers(spec: str | int | Sequence[int] | None) -> list[int] | None:
-    """``"12-29"``, ``"0,3,5"``, ``4`` or a list → sorted layer indices (``None`` = every layer)."""
-    if spec is None or spec == "" or spec == "all":
-        return None
-    if isinstance(spec, int):
-        return [spec]
-    if isinstance(spec, str):
-        out: set[int] = set()
-        for part in spec.split(","):
-            part = part.strip()
-            try:
-                if "-" in part:
-                    lo, hi = (int(x) for x in part.split("-", 1))
-                    out.update(range(lo, hi + 1))
-                elif part:
-                    out.add(int(part))
-            except ValueError:
-                raise ConfigError(f"lora_layers={spec!r}: expected layer indices like '12-29' or '0,3,5'") from None
-        return sorted(out)
-    return sorted(int(x) for x in spec)
 
 
 def scaffold_system(base: str | None, scaffold: str) -> str:
@@ -132,70 +111,48 @@ class ParaBridgeModule(AlignmentModule):
         if lora_rank < 0:
             raise ConfigError(f"lora_rank={lora_rank}: must be >= 0")
         super().__init__(ce_weight=ce_weight, init_adapter=init_adapter, **kwargs)
-        from paraencoder.objectives import GeneralizedJSD
-
-        self.jsd = GeneralizedJSD(beta=beta, temperature=jsd_temperature, chunk_size=self.hparams.chunk_size)
         self.scaffold_text = SCAFFOLD if scaffold is None else scaffold
         # example key -> (step it was sampled at, token ids)
         self._rollout_cache: dict[tuple, tuple[int, list[int]]] = {}
         self.last_step_stats: dict[str, float] = {}
-        self._lora_layers: list[nn.Module] = []
-        self.lora_params = nn.ParameterDict()
+        # The loss of a step, in the one ObjectiveMix: JSD on every batch, + CE on the dataset reply off-policy.
+        mix = dict(jsd_weight=1.0, beta=beta, temperature=jsd_temperature, chunk_size=self.hparams.chunk_size)
+        self.on_policy_objective = ObjectiveMix(ce_weight=0.0, **mix)
+        self.off_policy_objective = ObjectiveMix(ce_weight=ce_weight, **mix)
+        self.lora: LLMLoRA | None = None
         if lora_rank > 0:
-            self._add_lora()
+            try:
+                self.lora = LLMLoRA(self.llm, lora_layers, lora_rank, lora_alpha, lora_target_modules, enabled=True)
+            except ConfigError as exc:
+                raise ConfigError(f"lora_target_modules={list(lora_target_modules)} / lora_layers={lora_layers!r}: {exc}") from None
+            self.llm = self.lora.llm
+            self.adapter.attach_llm(self.llm)
 
-    # -- LoRA on a private copy of the LLM ---------------------------------------------------------
-    def _add_lora(self) -> None:
-        hp = self.hparams
-        # The memoized LLM is shared (teacher-reply generation, other modules): LoRA goes on a copy.
-        private = private_copy(self.llm)
-        self._lora_config = make_lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_target_modules, parse_layers(hp.lora_layers))
-        try:
-            self._lora_layers = inject_lora(private, self._lora_config, ADAPTER_NAME)
-        except ConfigError as exc:
-            raise ConfigError(f"lora_target_modules={list(hp.lora_target_modules)} / lora_layers={hp.lora_layers!r}: {exc}") from None
-        for name, param in private.model.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(True)
-                self.lora_params[name.replace(".", "__")] = param
-        self.llm = private
-        self.adapter.attach_llm(private)
-
-    @contextlib.contextmanager
-    def base_llm(self) -> Iterator[None]:
+    # -- LoRA on a private copy of the LLM (paraencoder.model.lora.LLMLoRA) -------------------------
+    def base_llm(self):
         """Run the LLM without its LoRA (the teacher view always uses the frozen base)."""
-        if not self._lora_layers:
-            yield
-            return
-        for layer in self._lora_layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in self._lora_layers:
-                layer.enable_adapters(True)
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """LoRA tensors under their names in the LLM (empty without LoRA)."""
-        return {k.replace("__", "."): v.detach().cpu().contiguous() for k, v in self.lora_params.items()}
+        return self.lora.active(False) if self.lora is not None else contextlib.nullcontext()
 
     def export_parts(self, directory: str | os.PathLike) -> dict:
         """Write the LoRA in peft's layout into ``directory/lora``; returns the ``lora`` section pinning it (none without LoRA)."""
-        if not self.lora_params:
-            return {}
-        return {"lora": save_lora(directory, self.llm, self._lora_config, ADAPTER_NAME)}
+        return {"lora": self.lora.save(directory)} if self.lora is not None else {}
 
-    # -- optimisation: the adapter (parent) plus the LoRA tensors ---------------------------------
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        if not self.lora_params:
-            return config
-        optimizer = config["optimizer"]
-        optimizer.add_param_group({"params": list(self.lora_params.values()), "weight_decay": 0.0})
-        schedule = config["lr_scheduler"]["scheduler"].lr_lambdas[0]
-        # Rebuild the scheduler so it knows the new group (one schedule for every group).
-        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return config
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """Checkpoints written before the one :class:`LLMLoRA` kept the LoRA as ``lora_params.<peft name>``."""
+        out = {}
+        for key, value in state.items():
+            if key.startswith("lora_params.") and ("__lora_A__" in key or "__lora_B__" in key):
+                matrix = "A" if "__lora_A__" in key else "B"
+                key = f"lora.weights.{key[len('lora_params.'):].split(f'__lora_{matrix}__')[0]}.{matrix}.weight"
+            out[key] = value
+        return out
+
+    def param_groups(self) -> list[dict]:
+        """The spine's groups plus the LoRA (no weight decay, at ``lr``)."""
+        groups = super().param_groups()
+        if self.lora is not None:
+            groups.append({"params": list(self.lora.parameters()), "weight_decay": 0.0, "lr": self.hparams.lr})
+        return groups
 
     # -- prompts of the two views ------------------------------------------------------------------
     def _system(self, examples: Sequence[AlignmentExample]) -> str | None:
@@ -212,14 +169,7 @@ class ParaBridgeModule(AlignmentModule):
 
     def _forward_hidden(self, prompts, replies, system, soft, soft_lengths, histories=None):
         """Response-position hidden states ``[N, H]`` and targets ``[N]`` for prompts + replies."""
-        speech = soft is not None
-        enc = self.llm.encode(
-            prompts, num_speech_tokens=soft_lengths.tolist() if speech else None, replies=replies, system=system,
-            histories=histories, require_speech=speech,
-        ).to(self.device)
-        embeds = self.llm.embed(enc, soft, soft_lengths) if speech else self.llm.embed(enc)
-        hidden = self.llm.hidden_states(embeds, enc.attention_mask, batch=enc)
-        return self.response_hidden(hidden, enc.labels)
+        return reply_hidden(self.llm, speech_inputs(self.llm, prompts, soft, soft_lengths, replies=replies, system=system, histories=histories))
 
     def student_hidden(self, examples, replies, soft, soft_lengths, histories=None):
         """Scaffold-free student view (differentiable in ``soft``)."""
@@ -244,18 +194,17 @@ class ParaBridgeModule(AlignmentModule):
     def sample_rollouts(self, examples, soft, soft_lengths, *, seed: int, histories=None) -> list[list[int]]:
         """Batched KV-cached sampling from the scaffold-free student (left-padded ``inputs_embeds``)."""
         hp = self.hparams
-        enc = self.llm.encode(
-            [ex.student_prompt for ex in examples], num_speech_tokens=soft_lengths.tolist(), system=self._system(examples),
+        inputs = speech_inputs(
+            self.llm, [ex.student_prompt for ex in examples], soft.detach(), soft_lengths, system=self._system(examples),
             histories=histories, padding_side="left",
-        ).to(self.device)
-        embeds = self.llm.embed(enc, soft.detach(), soft_lengths)
+        )
         greedy = hp.rollout_temperature <= 0
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         # A private RNG stream per step: reproducible on resume, and training randomness is untouched.
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            _, ids = self.llm.generate_embeds(
-                embeds, enc.attention_mask, max_new_tokens=hp.rollout_max_new_tokens, do_sample=not greedy,
+            _, ids = generate(
+                self.llm, inputs, max_new_tokens=hp.rollout_max_new_tokens, do_sample=not greedy,
                 temperature=max(hp.rollout_temperature, 1e-5), top_p=hp.rollout_top_p, return_ids=True,
             )
         return ids
@@ -327,15 +276,8 @@ class ParaBridgeModule(AlignmentModule):
         h, targets = self.student_hidden(examples, replies, soft, soft_lengths)
         teacher = self.teacher_view_hidden(examples, replies, soft, soft_lengths)
         head = self.llm.lm_head
-        bias = getattr(head, "bias", None)
-        loss = self.jsd(h, head.weight, teacher_hidden=teacher, bias=bias)
-        if isinstance(loss, tuple):
-            loss = loss[0]
-        parts = {"jsd": loss.detach()}
-        if not on_policy and self.hparams.ce_weight > 0:
-            ce, _ = self.objective(h, head.weight, targets, bias=bias)
-            loss = loss + self.hparams.ce_weight * ce
-            parts["ce"] = ce.detach()
+        objective = self.on_policy_objective if on_policy else self.off_policy_objective
+        loss, parts = objective(h, head.weight, targets, teacher_hidden=teacher, bias=getattr(head, "bias", None))
         parts["on_policy"] = torch.tensor(float(bool(on_policy)))
         parts["reply_tokens"] = torch.tensor(float(targets.numel()) / max(1, len(examples)))
         self.last_step_stats.update(on_policy=float(bool(on_policy)), rollout_s=rollout_s, forward_s=time.perf_counter() - start - rollout_s)

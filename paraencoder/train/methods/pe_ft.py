@@ -27,112 +27,18 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-from torch import nn
 
 from paraencoder.errors import ConfigError
 from paraencoder.io import atomic_write_bytes, atomic_write_json
-from paraencoder.model.llm import FrozenLLM
-from paraencoder.model.lora import inject_lora, make_lora_config, private_copy, save_lora
+from paraencoder.model.lora import LLMLoRA
 from paraencoder.train.module import AlignmentModule
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head_config.json"
 _RANGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*$")
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA on the frozen LLM
-# ---------------------------------------------------------------------------------------------
-
-
-def _llm_layer_count(llm: FrozenLLM) -> int:
-    config = llm.model.config
-    count = getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers
-    return int(count)
-
-
-class LLMLoRA(nn.Module):
-    """LoRA matrices injected (with ``peft``) into chosen layers of a frozen LLM, off unless :meth:`active`.
-
-    The matrices live inside the LLM's modules (that is where ``peft`` puts them) *and* in this
-    module's ``weights`` ModuleDict, so registering an ``LLMLoRA`` in a LightningModule puts
-    exactly the LoRA parameters in the optimizer and in checkpoints. The wrapped base layers are
-    not parameters of this module and never change.
-
-    Args:
-        llm: the frozen LLM (modified in place: its target Linear layers become LoRA layers that
-            behave exactly like the base layer while the LoRA is off).
-        layers: LLM layers (``"all"``, ``"10-20"``, ``"0,3"``, a list).
-        rank, alpha: LoRA rank and scaling numerator (scaling = alpha / rank).
-        targets: module names to wrap (``q_proj``, ``v_proj``, ...).
-        name: the peft adapter name (unique per instance, so two modules can share one memoized LLM).
-    """
-
-    _count = 0
-
-    def __init__(self, llm: FrozenLLM, layers: str | Sequence[int] = "all", rank: int = 8, alpha: float = 16.0,
-                 targets: Sequence[str] = ("q_proj", "v_proj"), name: str | None = None):
-        super().__init__()
-        from peft.tuners.lora import LoraLayer
-
-        from paraencoder.model.encoders.base import parse_layer_spec
-
-        if rank < 1:
-            raise ConfigError(f"lora_rank={rank} must be >= 1")
-        num_layers = _llm_layer_count(llm)
-        chosen = parse_layer_spec(layers if not isinstance(layers, (list, tuple)) else list(layers), num_layers, name="lora_layers")
-        if not chosen:
-            raise ConfigError("lora_layers selects no LLM layer; use 'all', a range like '10-20' or leave LoRA off (lora_layers: none)")
-        LLMLoRA._count += 1
-        self.name = name or f"paraencoder_lora_{LLMLoRA._count}"
-        self.config = {"layers": chosen, "rank": int(rank), "alpha": float(alpha), "targets": list(targets), "llm": dict(llm.identity)}
-        self.peft_config = make_lora_config(rank, alpha, targets, chosen)
-        inject_lora(llm, self.peft_config, adapter_name=self.name)
-        self.llm = [llm]  # a list: keep the LLM out of this module's submodules (and state_dict)
-        self._layers: list[tuple[str, LoraLayer]] = [
-            (path, m) for path, m in llm.model.named_modules() if isinstance(m, LoraLayer) and self.name in m.lora_A
-        ]
-        if not self._layers:
-            raise ConfigError(f"lora_targets {list(targets)} matched no module in LLM layers {chosen}")
-        self.weights = nn.ModuleDict(
-            {path.replace(".", "__"): nn.ModuleDict({"A": m.lora_A[self.name], "B": m.lora_B[self.name]}) for path, m in self._layers}
-        )
-        self.set_enabled(False)
-
-    def set_enabled(self, enabled: bool) -> None:
-        """Switch the LoRA path on or off in every wrapped layer (parameters stay trainable)."""
-        for _, layer in self._layers:
-            if enabled:
-                layer.set_adapter(self.name)
-            layer.enable_adapters(enabled)
-        # peft's toggles also flip requires_grad; the LoRA must stay trainable for the optimizer and DDP.
-        for p in self.weights.parameters():
-            p.requires_grad_(True)
-
-    @contextlib.contextmanager
-    def active(self, enabled: bool = True) -> Iterator[None]:
-        """``with lora.active(): ...`` runs the LLM with the LoRA (``active(False)``: without), then turns it off."""
-        self.set_enabled(enabled)
-        try:
-            yield
-        finally:
-            self.set_enabled(False)
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"<llm module path>.lora_A.weight": ..., ".lora_B.weight": ...}`` on CPU."""
-        state = {}
-        for path, layer in self._layers:
-            state[f"{path}.lora_A.weight"] = layer.lora_A[self.name].weight.detach().cpu().contiguous()
-            state[f"{path}.lora_B.weight"] = layer.lora_B[self.name].weight.detach().cpu().contiguous()
-        return state
-
-    def save(self, directory: str | os.PathLike) -> dict:
-        """Write the LoRA in peft's layout into ``directory/lora`` (:func:`paraencoder.model.lora.save_lora`); returns
-        the ``lora`` section for the adapter config. Loading: ``SpeechAdapter.from_pretrained`` applies it."""
-        return save_lora(directory, self.llm[0], self.peft_config, adapter_name=self.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,10 +130,10 @@ class PEFTAlignmentModule(AlignmentModule):
         # LoRA on the LLM: a registered submodule, so its parameters train and are checkpointed.
         self.lora: LLMLoRA | None = None
         if str(lora_layers).strip().lower() not in ("none", ""):
-            # LoRA goes into a private copy: the process-wide memoized LLM (shared with the data
-            # module and any other module) must stay exactly the frozen base model.
-            self.llm = private_copy(self.llm)
-            self.lora = LLMLoRA(self.llm, lora_layers, lora_rank, lora_alpha, lora_targets)
+            # On a private copy (the memoized LLM shared with the data module stays the frozen base);
+            # off except for the student's forward.
+            self.lora = LLMLoRA(self.llm, lora_layers, lora_rank, lora_alpha, lora_targets, enabled=False)
+            self.llm = self.lora.llm
         # The auxiliary dual-level head.
         self.head = None
         self.head_layer: int | str | None = None
@@ -333,42 +239,36 @@ class PEFTAlignmentModule(AlignmentModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._head_input = None
         with self.lora.active() if self.lora is not None else contextlib.nullcontext():
-            total, parts = super().compute_loss(batch)
-        if self.head is None:
-            return total, parts
-        states, lengths = self._head_input  # set by soft_tokens during the student pass above
-        self._head_input = None
-        logits = self.head(states, lengths)
-        head_total, head_parts = self.head.loss(logits, self.head_labels(batch["examples"]))
-        total = total + self.hparams.head_weight * head_total
-        parts = dict(parts)
-        parts["aux"] = head_total.detach()
-        parts.update({f"aux/{k}": v.detach() for k, v in head_parts.items()})
-        return total, parts
+            return super().compute_loss(batch)
+
+    def extra_terms(self, batch: dict, soft, cue_logits: dict) -> tuple[dict, dict]:
+        """The spine's terms plus the dual-level head's loss as ``aux`` (weight ``head_weight``)."""
+        terms, logs = super().extra_terms(batch, soft, cue_logits)
+        if self.head is not None:
+            states, lengths = self._head_input  # set by soft_tokens_with_cue during this step's student pass
+            self._head_input = None
+            head_total, head_parts = self.head.loss(self.head(states, lengths), self.head_labels(batch["examples"]))
+            terms["aux"] = (self.hparams.head_weight, head_total)
+            logs.update({f"aux/{k}": v for k, v in head_parts.items()})
+        return terms, logs
 
     # -- optimisation ------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        """The parent's AdamW + warm-up/cosine schedule, regrouped: encoder layers at ``encoder_lr``,
-        projector at ``lr``, head at ``head_lr``, LoRA at ``lora_lr`` (each ``None`` = ``lr``)."""
-        config = super().configure_optimizers()
-        parent, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    def param_groups(self) -> list[dict]:
+        """The spine's groups split by encoder layers (at ``encoder_lr``) and the rest (``lr``), then the head
+        (``head_lr``) and the LoRA (``lora_lr``); each ``None`` = ``lr``."""
         hp = self.hparams
         encoder_ids = {id(p) for p in self.adapter.encoder.parameters()}
         groups = []
-        for group in parent.param_groups:
+        for group in super().param_groups():
             for in_encoder, lr in ((False, hp.lr), (True, hp.encoder_lr or hp.lr)):
                 params = [p for p in group["params"] if (id(p) in encoder_ids) == in_encoder]
                 if params:
-                    groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": lr})
+                    groups.append({**group, "params": params, "lr": lr})
         if self.head is not None:
             groups.append({"params": list(self.head.parameters()), "weight_decay": hp.weight_decay, "lr": hp.head_lr or hp.lr})
         if self.lora is not None:
             groups.append({"params": list(self.lora.parameters()), "weight_decay": 0.0, "lr": hp.lora_lr or hp.lr})
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        # The same warm-up + cosine multiplier for every group.
-        config["optimizer"] = optimizer
-        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
-        return config
+        return groups
 
     # -- export --------------------------------------------------------------------------------------
     def export_parts(self, directory: str | os.PathLike) -> dict:
