@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sklearn.model_selection import GroupKFold
 
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_encoder
     from paraencoder.model.cue import DEFAULT_CUE, VerbalCue, fit_cue_classifiers, pool_states
     from paraencoder.data.encoder_states import EncoderStateCache, encode_all
     from paraencoder.data.manifest import load_manifest
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.train.module import default_cache_dir
 
     set_threads(args.threads)
-    encoder = backbones.resolve_encoder(args.encoder)
+    encoder = resolve_encoder(args.encoder)
     cache = EncoderStateCache(default_cache_dir() / "encoder_states", encoder.identity["weights_sha256"])
     train = load_manifest(args.data / "train.jsonl")
     test = load_manifest(args.data / "test_ravdess.jsonl") + load_manifest(args.data / "test_speechocean.jsonl")

@@ -32,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_encoder
     from paraencoder.data.encoder_states import EncoderStateCache, encode_all
     from paraencoder.data.manifest import load_manifest
     from paraencoder.io import atomic_write_json
     from paraencoder.train.module import default_cache_dir
 
-    encoder = backbones.resolve_encoder(args.encoder)
+    encoder = resolve_encoder(args.encoder)
     cache = EncoderStateCache(default_cache_dir() / "encoder_states", encoder.identity["weights_sha256"])
     train = load_manifest(args.data / "train.jsonl")
     tests = {"emotion": load_manifest(args.data / "test_ravdess.jsonl"), "age_group": load_manifest(args.data / "test_speechocean.jsonl")}

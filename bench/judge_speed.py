@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.judge import LocalJudge
     from paraencoder.backbones.precision import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         items.append({"emotion": r["label"], "question": "How does the speaker feel? Answer in one sentence.", "reply": r["transcript_reply"]})
     items = items[:: max(1, len(items) // args.items)][: args.items]
 
-    llm = backbones.resolve_llm(args.judge_model, dtype="float32")
+    llm = resolve_llm(args.judge_model, dtype="float32")
     results = []
 
     def run(name: str, judge_llm, batch_size: int, fast: bool) -> list:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = cpu_bf16_speedup(torch.get_num_threads())
     bf16_note = f"bf16/fp32 matmul throughput here: {ratio:.3f}x"
     if ratio >= BF16_MIN_SPEEDUP:
-        run("shipped, bf16", backbones.resolve_llm(args.judge_model, dtype="bfloat16"), args.batch_size, True)
+        run("shipped, bf16", resolve_llm(args.judge_model, dtype="bfloat16"), args.batch_size, True)
     else:
         bf16_note += f" (< {BF16_MIN_SPEEDUP}x: the bf16 row is skipped; llm_dtype auto picks fp32 here)"
     base = results[0]["seconds"]

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.judge import make_judge
     from paraencoder.eval.judge_validation import order_bias, validate_judge
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     kwargs = {"batch_size": args.batch_size, "max_new_tokens": 10} if args.judge == "local" else {}
-    llm = backbones.resolve_llm(args.judge_model, dtype=args.dtype) if args.judge == "local" else None
+    llm = resolve_llm(args.judge_model, dtype=args.dtype) if args.judge == "local" else None
     judge = make_judge(args.judge, args.judge_model, llm=llm, **kwargs)
     load_s = time.perf_counter() - start
     results.update({

@@ -34,10 +34,10 @@ def load_adapter(args):
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import make_llm_dir, make_whisper_dir
 
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
 
     root = Path(tempfile.mkdtemp(prefix="paraencoder-long-audio-"))
-    llm = backbones.resolve_llm(str(make_llm_dir(root)))
+    llm = resolve_llm(str(make_llm_dir(root)))
     torch.manual_seed(0)
     return SpeechAdapter.build(str(make_whisper_dir(root)), llm, stack=2, hidden_dim=32).eval(), "tiny random backbones (tests/conftest.py)"
 

@@ -42,7 +42,7 @@ from paraencoder.audio import load_audio  # noqa: E402
 from paraencoder.data.dataset import AlignmentExample, collate  # noqa: E402
 from paraencoder.eval.robustness import evaluate_robustness, generate_replies, is_aware, soft_tokens_for  # noqa: E402
 from paraencoder.io import atomic_write_json  # noqa: E402
-from paraencoder.train.methods.parabridge import ParaBridgeModule# noqa: E402
+from paraencoder.train.methods.parabridge import ParaBridgeModule  # noqa: E402
 from paraencoder.prompts import TASKS  # noqa: E402
 
 SHARED = Path(os.environ.get("PARAENCODER_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from paraencoder.data.dataset import AlignmentExample, collate  # noqa: E402
 from paraencoder.io import atomic_write_json  # noqa: E402
-from paraencoder.train.methods.parabridge import ParaBridgeModule# noqa: E402
+from paraencoder.train.methods.parabridge import ParaBridgeModule  # noqa: E402
 
 SHARED = Path(os.environ.get("PARAENCODER_SHARED_DATA", REPO.parent / "shared" / "data"))
 

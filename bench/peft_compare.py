@@ -64,10 +64,10 @@ def evaluate(adapter_dir: Path, manifests: dict[str, Path], safety: list, limit:
 
 def transcript_safety_baseline(safety: list) -> dict:
     """'Before': the frozen LLM on the transcript alone (no voice information at all)."""
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.eval.suites import _safety_stats, _voice, classify_safety
 
-    llm = backbones.resolve_llm("smollm2-135m-instruct")
+    llm = resolve_llm("smollm2-135m-instruct")
     llm.system_prompt = "You are a helpful assistant."
     replies = llm.generate_text([f'"{u.transcript}"' for u in safety], max_new_tokens=32)
     stats = _safety_stats([classify_safety(r) for r in replies], [_voice(u) for u in safety])

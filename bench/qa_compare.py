@@ -178,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         held_out = sorted(random.Random(0).sample(held_out, args.eval_limit), key=lambda u: u.id)
     judge = None
     if args.judge:
-        from paraencoder import backbones
+        from paraencoder.model.resolve import resolve_llm
         from paraencoder.judge import make_judge
 
-        local = backbones.resolve_llm(args.judge_model or "smollm2-135m-instruct") if args.judge == "local" else None
+        local = resolve_llm(args.judge_model or "smollm2-135m-instruct") if args.judge == "local" else None
         judge = make_judge(args.judge, args.judge_model, llm=local, **({"batch_size": 16, "max_new_tokens": 10} if local else {}))
     settings = {
         "max_steps": args.max_steps, "quick": args.quick, "n_eval": len(held_out), "base": args.base, "qa_writer": args.qa_writer or "templates",

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import train_step as ts  # noqa: E402
 
-from paraencoder.backbones.precision import cpu_bf16_speedup, matmul_tflops# noqa: E402
+from paraencoder.backbones.precision import cpu_bf16_speedup, matmul_tflops  # noqa: E402
 
 
 def _spin(seconds: float) -> None:  # a CPU-bound competitor (what a data worker decoding audio costs)

@@ -57,10 +57,10 @@ def worker(args) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch
 
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.threads import default_threads
 
-    llm = backbones.resolve_llm(args.llm)
+    llm = resolve_llm(args.llm)
     prompts = (PROMPTS * ((args.batch + len(PROMPTS) - 1) // len(PROMPTS)))[: args.batch]
     torch.set_num_threads(1)
     llm.generate_text(prompts[:2], max_new_tokens=4, do_sample=False)  # warm-up

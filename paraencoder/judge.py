@@ -318,6 +318,7 @@ def default_local_judge(dtype: str = "auto"):
         ConfigError: the judge's weight packages are not installed (the message says how).
     """
     from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
 
     spec = backbones.packaged_specs()[DEFAULT_JUDGE]
     if not spec["installed"]:
@@ -325,7 +326,7 @@ def default_local_judge(dtype: str = "auto"):
             f"the local judge {DEFAULT_JUDGE!r} is not installed: run `{spec['install']}` (1.1 GB, once), or name another "
             "judge LLM (--judge-model SPEC, e.g. smollm2-135m-instruct, which cannot judge), or use an OpenAI-compatible URL"
         )
-    return backbones.resolve_llm(DEFAULT_JUDGE, dtype=dtype)
+    return resolve_llm(DEFAULT_JUDGE, dtype=dtype)
 
 
 class LocalJudge(Judge):
@@ -392,12 +393,8 @@ class OpenAIJudge(Judge):
         model: str,
         api_key: str | None = None,
         *,
-        timeout: float = 60.0,
-        retries: int = 3,
-        backoff: float = 1.0,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        workers: int = 4,
+        timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, workers: int = 4,  # the HTTP client
+        max_tokens: int = 64, temperature: float = 0.0,  # decoding
         templates=None,
     ):
         super().__init__(templates)
@@ -475,9 +472,9 @@ def make_judge(spec: str | None, model: str | None = None, *, llm=None, **kwargs
         return None
     if spec == "local":
         if llm is None and model:
-            from paraencoder import backbones
+            from paraencoder.model.resolve import resolve_llm
 
-            llm = backbones.resolve_llm(model, dtype="auto")
+            llm = resolve_llm(model, dtype="auto")
         return LocalJudge(llm, **kwargs)
     if spec.startswith(("http://", "https://")):
         if not model:

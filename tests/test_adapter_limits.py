@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import paraencoder.model.adapter as adapter_module
-from paraencoder import backbones
+from paraencoder.model.resolve import resolve_encoder, resolve_llm
 from paraencoder.model.adapter import CONFIG_NAME, WEIGHTS_NAME, SpeechAdapter
 from paraencoder.errors import ParaencoderError
 from paraencoder.model.llm import SPEECH
@@ -48,7 +48,7 @@ def maxrss_mb() -> float:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_whisper_dir, tiny_llm_dir):
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     root = tmp_path_factory.mktemp("limits")
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
     adapter.save_pretrained(root / "clean")
@@ -194,7 +194,7 @@ def test_sparse_weights_file_is_refused_before_allocating(base, real_builds, sta
     config = set_path(set_path(base["config"], ("projector", "stack"), stack), ("projector", "hidden_dim"), hidden_dim)
     config.pop("weights_sha256", None)
     with torch.device("meta"):
-        meta = SpeechAdapter(backbones.resolve_encoder(config["encoder"]["spec"]), 64, stack=stack, hidden_dim=hidden_dim)
+        meta = SpeechAdapter(resolve_encoder(config["encoder"]["spec"]), 64, stack=stack, hidden_dim=hidden_dim)
     header, offset = {}, 0
     for name, tensor in sorted(meta.trainable_state_dict().items()):
         nbytes = tensor.numel() * 2
@@ -335,7 +335,7 @@ def test_training_keeps_its_system_prompt_off_the_shared_llm(tiny_llm_dir, tiny_
     from paraencoder.train.module import AlignmentModule
 
     module = AlignmentModule(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), stack=2, projector_dim=32, system_prompt="Be kind.")
-    shared = backbones.resolve_llm(str(tiny_llm_dir))
+    shared = resolve_llm(str(tiny_llm_dir))
     assert shared.system_prompt is None
     assert module.llm.system_prompt == "Be kind." and module.adapter.llm.system_prompt == "Be kind."
     assert module.llm.model is shared.model
@@ -352,7 +352,7 @@ def test_training_keeps_its_system_prompt_off_the_shared_llm(tiny_llm_dir, tiny_
 def test_loading_a_backbone_never_moves_the_global_rng(monkeypatch):
     """Same seed, same bytes, whatever is cached: a loader that converts (and so initialises a model
     randomly) leaves the seeded generator exactly where a cache hit leaves it."""
-    from paraencoder.backbones import _memo
+    from paraencoder.backbones import memoize as _memo
 
     def converting_loader():
         torch.nn.Linear(256, 256)  # what building a model before loading converted weights does

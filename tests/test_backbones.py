@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from paraencoder import backbones
+from paraencoder.model.resolve import resolve_encoder, resolve_llm
 from paraencoder.backbones import (
     clear_memo,
     is_whisper_spec,
@@ -146,10 +147,10 @@ def test_ct2_whisper_converted_once_into_cache(tmp_path, tiny_whisper_dir, priva
 def test_resolve_llm_and_encoder(tiny_llm_dir, tiny_whisper_dir):
     from paraencoder.model.llm import FrozenLLM
 
-    llm = backbones.resolve_llm(tiny_llm_dir)
-    assert isinstance(llm, FrozenLLM) and backbones.resolve_llm(str(tiny_llm_dir)) is llm
+    llm = resolve_llm(tiny_llm_dir)
+    assert isinstance(llm, FrozenLLM) and resolve_llm(str(tiny_llm_dir)) is llm
     assert llm.identity["weights_sha256"] == _sha256(tiny_llm_dir / "model.safetensors")
-    encoder = backbones.resolve_encoder(tiny_whisper_dir)
+    encoder = resolve_encoder(tiny_whisper_dir)
     shared = load_whisper(tiny_whisper_dir).model.get_encoder()
     assert encoder.hidden_size == 32 and encoder.identity["name"] == "tiny-whisper"
     first = next(encoder.parameters())

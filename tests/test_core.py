@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tone
-from paraencoder import backbones
+from paraencoder.model.resolve import resolve_encoder, resolve_llm
 from paraencoder.model.adapter import SpeechAdapter
 from paraencoder.model.encoders.base import parse_layer_spec
 from paraencoder.errors import AdapterMismatchError, AudioError, ConfigError, PromptError, UnsafeFileError
@@ -34,7 +34,7 @@ def test_whisper_encoder_matches_transformers_at_30s(tiny_whisper_dir):
     """On a full 30 s input our unpadded path must equal transformers' own encoder exactly."""
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    encoder = backbones.resolve_encoder(str(tiny_whisper_dir))
+    encoder = resolve_encoder(str(tiny_whisper_dir))
     model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).eval()
     wave = tone(30.0, 180.0)
     feats = WhisperFeatureExtractor(feature_size=80)(wave, sampling_rate=16000, return_tensors="pt").input_features
@@ -46,7 +46,7 @@ def test_whisper_encoder_matches_transformers_at_30s(tiny_whisper_dir):
 
 
 def test_whisper_encoder_batch_equals_single_and_scales_with_length(tiny_whisper_dir):
-    encoder = backbones.resolve_encoder(str(tiny_whisper_dir)).eval()
+    encoder = resolve_encoder(str(tiny_whisper_dir)).eval()
     waves = [tone(1.0, 200.0), tone(2.3, 150.0, seed=1)]
     padded = torch.zeros(2, waves[1].size)
     padded[0, : waves[0].size] = torch.from_numpy(waves[0])
@@ -64,7 +64,7 @@ def test_whisper_encoder_batch_equals_single_and_scales_with_length(tiny_whisper
 
 
 def test_wav2vec2_encoder_interface(tiny_wav2vec2_dir):
-    encoder = backbones.resolve_encoder(str(tiny_wav2vec2_dir)).eval()
+    encoder = resolve_encoder(str(tiny_wav2vec2_dir)).eval()
     waves = torch.from_numpy(np.stack([tone(1.0, 200.0), tone(1.0, 120.0)]))
     out = encoder(waves, torch.tensor([16000, 8000]))
     assert len(out.hidden_states) == encoder.num_layers + 1
@@ -101,7 +101,7 @@ def test_layer_select_mix_is_convex_combination():
 
 @pytest.fixture(scope="module")
 def llm(tiny_llm_dir) -> FrozenLLM:
-    return backbones.resolve_llm(str(tiny_llm_dir))
+    return resolve_llm(str(tiny_llm_dir))
 
 
 def test_frozen_llm_is_frozen(llm):
@@ -156,7 +156,7 @@ def test_adapter_save_load_roundtrip_identical_generation(tmp_path, tiny_llm_dir
 def test_adapter_refuses_other_llm(tmp_path, tiny_whisper_dir, tiny_qwen_dir, llm):
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
     adapter.save_pretrained(tmp_path / "ad")
-    other = backbones.resolve_llm(str(tiny_qwen_dir))
+    other = resolve_llm(str(tiny_qwen_dir))
     with pytest.raises(AdapterMismatchError, match="trained for LLM") as info:
         SpeechAdapter.from_pretrained(tmp_path / "ad", llm=other)
     assert llm.identity["weights_sha256"][:8] in str(info.value) or "weights_sha256" in str(info.value)

@@ -39,9 +39,9 @@ def test_cue_config_errors_name_the_field(cue, match):
 
 
 def _bound(tiny_llm_dir):
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
 
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     cue = VerbalCue(16, [1, 2], CUE["template"], CUE["classes"], pooling="mean_std").bind(llm.tokenizer, llm.model.get_input_embeddings().weight)
     return cue, llm
 
@@ -66,9 +66,9 @@ def test_cue_sentence_is_the_llm_embedding_of_the_text_and_blends_by_posterior(t
 
 
 def test_unequal_phrase_lengths_are_refused_at_bind(tiny_llm_dir):
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
 
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     cue = VerbalCue(16, [1], "({emotion})", {"emotion": {"sad": "s", "happy": " very happy indeed"}})
     with pytest.raises(ConfigError, match="same number of LLM tokens"):
         cue.bind(llm.tokenizer, llm.model.get_input_embeddings().weight)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tone
-from paraencoder import backbones
+from paraencoder.model.resolve import resolve_llm
 from paraencoder.model.adapter import SpeechAdapter
 from paraencoder.model.dialogue import parse_messages, speech_tokens, window_geometry
 from paraencoder.errors import AudioError, PromptError
@@ -17,7 +17,7 @@ SR = 16000
 
 
 def make_tiny_adapter(whisper_dir, llm_dir) -> SpeechAdapter:
-    llm = backbones.resolve_llm(str(llm_dir))
+    llm = resolve_llm(str(llm_dir))
     torch.manual_seed(0)
     adapter = SpeechAdapter.build(str(whisper_dir), llm, stack=2, hidden_dim=32)
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_long_audio_is_windowed_linearly(adapter):
 def test_long_audio_keeps_clip_level_tokens_in_place(tiny_whisper_dir, tiny_llm_dir, position):
     """A verbal cue (clip-level tokens before or after the frames) is averaged over windows in its own place."""
     cue = {"template": "(s{emotion})", "classes": {"emotion": {"sad": "s", "happy": "h"}}, "position": position}
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     torch.manual_seed(0)
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32, cue=cue).eval()
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_ninety_second_clip_is_answered_and_capped(adapter):
 
 @pytest.mark.parametrize("stack", [3, 8])
 def test_windows_line_up_for_any_stack(tiny_whisper_dir, tiny_llm_dir, stack):
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     torch.manual_seed(0)
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=stack, hidden_dim=32).eval()
     window, overlap, per_token = window_geometry(adapter)
@@ -186,7 +186,7 @@ def test_long_audio_with_summary_tokens(tiny_whisper_dir, tiny_llm_dir):
 
     if "summary_tokens" not in inspect.signature(SpeechAdapter.__init__).parameters:
         pytest.skip("this SpeechAdapter has no summary tokens")
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     torch.manual_seed(0)
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=4, hidden_dim=32, summary_tokens=2).eval()
     short, long = tone(3.0, 200.0), tone(70.0, 150.0)
@@ -199,7 +199,7 @@ def test_long_audio_with_summary_tokens(tiny_whisper_dir, tiny_llm_dir):
 
 
 def test_chat_uses_the_adapters_trained_system_prompt(tiny_whisper_dir, tiny_llm_dir):
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     torch.manual_seed(0)
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32, system_prompt="Be brief.").eval()
     clip = tone(0.8, 240.0)

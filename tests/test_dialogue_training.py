@@ -183,9 +183,9 @@ def test_control_token_text_in_a_dialogue_stays_text(tmp_path, clips, tiny_llm_d
     good = two_turn(clips, "g", reply="fine")
     data = make_data(tmp_path, tiny_llm_dir, dialogue_manifest=str(write_jsonl(tmp_path / "d.jsonl", [good, row])))
     data.setup("fit")
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
 
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     eot = llm.end_of_turn_id
     ends = [int((llm.encode_dialogues([ex.turns], num_speech_tokens=[[1, 1]]).input_ids == eot).sum()) for ex in data.train_set.examples]
     assert ends[0] == ends[1] and "ok<|im_end|>" in data.train_set.examples[1].turns[1]["content"]

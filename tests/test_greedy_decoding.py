@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paraencoder import backbones
+from paraencoder.model.resolve import resolve_llm
 from paraencoder.model.llm import SPEECH
 
 
@@ -28,7 +28,7 @@ def _hf(llm, embeds, mask, max_new_tokens):
 @pytest.mark.parametrize("kind", ["tiny_llm_dir", "tiny_qwen_dir"])
 @pytest.mark.parametrize("max_new_tokens", [1, 5, 40])
 def test_greedy_matches_model_generate(kind, max_new_tokens, request):
-    llm = backbones.resolve_llm(str(request.getfixturevalue(kind)))
+    llm = resolve_llm(str(request.getfixturevalue(kind)))
     for seed in range(3):
         embeds, mask = _prompt_batch(llm, seed=seed)
         ref_texts, ref_ids = _hf(llm, embeds, mask, max_new_tokens)
@@ -39,7 +39,7 @@ def test_greedy_matches_model_generate(kind, max_new_tokens, request):
 
 def test_greedy_rows_that_stop_early_leave_the_batch(tiny_llm_dir):
     """A row whose first token is a stop token gives an empty reply; the others still match row by row."""
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     embeds, mask = _prompt_batch(llm)
     raw = llm.greedy_ids(embeds, mask, max_new_tokens=12)
     # Decoding each row alone gives the same ids as decoding it inside the shrinking batch.
@@ -56,7 +56,7 @@ def test_greedy_rows_that_stop_early_leave_the_batch(tiny_llm_dir):
 @pytest.mark.parametrize("kind", ["tiny_llm_dir", "tiny_qwen_dir"])
 def test_greedy_with_the_shared_prefix_cached_matches(kind, request):
     """Rows laid out as [cached shared prefix][padding][rest] decode what the plain left-padded rows decode."""
-    llm = backbones.resolve_llm(str(request.getfixturevalue(kind))).with_system_prompt("You are a helpful assistant.")
+    llm = resolve_llm(str(request.getfixturevalue(kind))).with_system_prompt("You are a helpful assistant.")
     llm.clear_prefix_cache()
     n_soft = (3, 6, 1, 4)
     prompts = [f"{SPEECH}\nHow does the speaker feel?", f"Listen {SPEECH} and answer in one word.", f"{SPEECH}", f"Who is speaking here? {SPEECH}"]

@@ -215,9 +215,9 @@ def test_bank_examples_and_teacher_filter(toy_corpus):
 
 
 def test_encoder_state_cache_is_keyed_by_content_and_resumable(tmp_path, tiny_whisper_dir, toy_corpus):
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_encoder
 
-    encoder = backbones.resolve_encoder(str(tiny_whisper_dir))
+    encoder = resolve_encoder(str(tiny_whisper_dir))
     cache = EncoderStateCache(tmp_path / "states", encoder.identity["weights_sha256"])
     utts = load_manifest(toy_corpus / "manifest.jsonl")
     first = encode_all(encoder, utts, cache, progress=False)

@@ -181,10 +181,10 @@ def test_validate_judge_correlation():
 
 
 def test_local_judge_runs_on_tiny_llm(tiny_llm_dir):
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.judge import LocalJudge
 
-    judge = LocalJudge(backbones.resolve_llm(str(tiny_llm_dir)), max_new_tokens=4)
+    judge = LocalJudge(resolve_llm(str(tiny_llm_dir)), max_new_tokens=4)
     verdicts = judge.rate([{"question": "q", "reply": "r"}, {"question": "q2", "reply": "r2"}])
     assert len(verdicts) == 2 and all(v.status in ("ok", "unparsable") for v in verdicts)
     assert all(isinstance(v.raw, str) for v in verdicts)

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from paraencoder import backbones
+from paraencoder.model.resolve import resolve_llm
 from paraencoder.model.adapter import SpeechAdapter
 from paraencoder.errors import AdapterMismatchError, ConfigError, UnsafeFileError
 from paraencoder.train.methods.parabridge import ParaBridgeData, ParaBridgeModule
@@ -88,7 +88,7 @@ def parabridge_run(tmp_path_factory, tiny_llm_dir, tiny_whisper_dir, toy_corpus)
 
 def test_peft_lora_round_trip_through_from_pretrained_and_chat(peft_run, tiny_llm_dir, toy_corpus):
     export, trained = peft_run
-    shared = backbones.resolve_llm(str(tiny_llm_dir))
+    shared = resolve_llm(str(tiny_llm_dir))
     before = state_of(shared.model)
     config = json.loads((export / "adapter_config.json").read_text())
     assert config["lora"]["format"] == "peft" and config["lora"]["path"] == "lora"
@@ -114,7 +114,7 @@ def test_peft_lora_round_trip_through_from_pretrained_and_chat(peft_run, tiny_ll
 
 def test_parabridge_lora_export_and_checkpoint_export_round_trip(parabridge_run, tiny_llm_dir, toy_corpus, tmp_path):
     export, checkpoint, trained = parabridge_run
-    shared = backbones.resolve_llm(str(tiny_llm_dir))
+    shared = resolve_llm(str(tiny_llm_dir))
     before = state_of(shared.model)
     assert SpeechAdapter.from_pretrained(export).generate(clips(toy_corpus), max_new_tokens=6) == trained
     assert SpeechAdapter.from_pretrained(export, lora=False).generate(clips(toy_corpus), max_new_tokens=6) != trained
@@ -138,7 +138,7 @@ def test_both_methods_write_one_peft_format(peft_run, parabridge_run, tiny_llm_d
 
     from paraencoder.model.lora import load_lora
 
-    shared = backbones.resolve_llm(str(tiny_llm_dir))
+    shared = resolve_llm(str(tiny_llm_dir))
     ids = shared.tokenizer("Kids are talking by the door.", return_tensors="pt")["input_ids"]
     schemas = []
     for export in (peft_run[0], parabridge_run[0]):

@@ -157,9 +157,9 @@ def test_rollout_cache_reuses_for_k_steps(tmp_path, tiny_llm_dir, tiny_whisper_d
 def test_training_keeps_llm_bit_identical_and_saves_lora_separately(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
     L.seed_everything(0)
     module = make_module(tiny_llm_dir, tiny_whisper_dir, lora_rank=2, lora_layers="1", export_dir=str(tmp_path / "ad"), lr=1e-2)
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
 
-    shared = backbones.resolve_llm(str(tiny_llm_dir))
+    shared = resolve_llm(str(tiny_llm_dir))
     assert module.llm is not shared  # LoRA lives on a private copy
     assert not any("lora_" in n for n, _ in shared.model.named_parameters())
     shared_before = {k: v.clone() for k, v in shared.model.state_dict().items()}
@@ -230,9 +230,9 @@ def test_checkpoints_of_the_old_lora_layout_resume(tiny_llm_dir, tiny_whisper_di
 
 
 def test_reply_loglik_matches_plain_forward(tiny_llm_dir):
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
 
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     prompts, replies = ["Kids are talking by the door.", "How does the speaker feel?"], ["I am sorry", "That is wonderful news!"]
     got = reply_loglik(llm, prompts, replies, system=None)
     for prompt, reply, value in zip(prompts, replies, got):

@@ -157,10 +157,10 @@ def test_lora_trains_base_llm_bit_identical_saved_separately_head_dropped(tmp_pa
         again = module.llm.hidden_states(module.llm.embed(enc), enc.attention_mask)
     assert torch.equal(plain, again) and not torch.allclose(plain, tuned)
     # Loading the saved LoRA (onto a private copy of the shared base LLM) reproduces the trained one.
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.model.lora import load_lora
 
-    loaded = load_lora(export, section, backbones.resolve_llm(str(tiny_llm_dir)))
+    loaded = load_lora(export, section, resolve_llm(str(tiny_llm_dir)))
     with torch.no_grad():
         reloaded = loaded.hidden_states(loaded.embed(enc), enc.attention_mask)
     torch.testing.assert_close(reloaded, tuned, rtol=0, atol=1e-6)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paraencoder import backbones
+from paraencoder.model.resolve import resolve_llm
 from paraencoder.model.llm import SPEECH
 
 
 def _llm(path):
-    llm = backbones.resolve_llm(str(path)).with_system_prompt("You are a helpful assistant.")
+    llm = resolve_llm(str(path)).with_system_prompt("You are a helpful assistant.")
     llm.clear_prefix_cache()
     return llm
 
@@ -122,7 +122,7 @@ def test_a_weight_change_in_place_invalidates_the_cached_prefix(tiny_llm_dir):
 
     from paraencoder.model.llm import FrozenLLM
 
-    base = backbones.resolve_llm(str(tiny_llm_dir))
+    base = resolve_llm(str(tiny_llm_dir))
     llm = FrozenLLM(copy.deepcopy(base.model), base.tokenizer, dict(base.identity), system_prompt="You are a helpful assistant.")
     enc, soft, lengths = _batch(llm)
     llm.hidden_states(llm.embed(enc, soft, lengths), enc.attention_mask, batch=enc)

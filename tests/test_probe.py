@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from paraencoder import backbones
+from paraencoder.model.resolve import resolve_encoder, resolve_llm
 from paraencoder.analysis import probe as P
 from paraencoder.data.manifest import Utterance, load_manifest
 from paraencoder.errors import ConfigError
@@ -138,7 +138,7 @@ def _manual_pool(encoder, wave: np.ndarray) -> list[np.ndarray]:
 def test_extract_layer_features_matches_single_clip_means_and_caches(tmp_path, tiny_whisper_dir, toy_corpus, monkeypatch):
     from paraencoder.audio import load_audio
 
-    encoder = backbones.resolve_encoder(str(tiny_whisper_dir)).eval()
+    encoder = resolve_encoder(str(tiny_whisper_dir)).eval()
     utts = load_manifest(toy_corpus / "manifest.jsonl")
     feats = P.extract_layer_features(encoder, utts, batch_size=4, cache_dir=tmp_path)
     assert list(feats) == ["encoder.0", "encoder.1", "encoder.2"]
@@ -157,7 +157,7 @@ def test_extract_layer_features_matches_single_clip_means_and_caches(tmp_path, t
 def test_extract_with_adapter_gives_projector_and_llm_layers(tmp_path, tiny_whisper_dir, tiny_llm_dir, toy_corpus):
     from paraencoder.model.adapter import SpeechAdapter
 
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32).eval()
     utts = load_manifest(toy_corpus / "manifest.jsonl")[:4]
     feats = P.extract_layer_features(adapter, utts, batch_size=2, use_cache=False)
@@ -171,7 +171,9 @@ def test_extract_with_adapter_gives_projector_and_llm_layers(tmp_path, tiny_whis
 
 def test_probe_cli_writes_json_markdown_and_png(tmp_path, tiny_whisper_dir, toy_corpus):
     out = tmp_path / "out"
-    rc = P.main(["--encoder", str(tiny_whisper_dir), "--data", str(toy_corpus / "manifest.jsonl"), "--out", str(out), "--name", "toy", "--cache-dir", str(tmp_path / "c")])
+    from paraencoder.apps.cli.probe import main
+
+    rc = main(["--encoder", str(tiny_whisper_dir), "--data", str(toy_corpus / "manifest.jsonl"), "--out", str(out), "--name", "toy", "--cache-dir", str(tmp_path / "c")])
     assert rc == 0
     report = json.loads((out / "toy.json").read_text())
     section = report["corpora"]["manifest"]
@@ -180,7 +182,7 @@ def test_probe_cli_writes_json_markdown_and_png(tmp_path, tiny_whisper_dir, toy_
     assert (out / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| encoder.1 |" in (out / "toy.md").read_text()
     with pytest.raises(ConfigError, match="neither a manifest"):
-        P.main(["--encoder", str(tiny_whisper_dir), "--data", str(tmp_path / "nope"), "--out", str(out)])
+        P.run_probe(encoder=str(tiny_whisper_dir), data=[str(tmp_path / "nope")], out=out)
 
 
 @pytest.mark.integration
@@ -192,7 +194,7 @@ def test_whisper_base_ravdess_gender_probe_beats_chance(tmp_path):
         pytest.skip("packaged whisper-base weights not installed")
     utts = load_manifest(ravdess / "metadata.jsonl")
     utts = [u for u in utts if u.speaker in ("01", "02", "03", "04", "17", "18") and u.emotion in ("neutral", "angry")]
-    encoder = backbones.resolve_encoder("whisper-base")
+    encoder = resolve_encoder("whisper-base")
     feats = P.extract_layer_features(encoder, utts, batch_size=8, cache_dir=tmp_path)
     labels, _ = P.corpus_labels(utts)
     report = P.fit_probes(feats, {"gender": labels["gender"]}, [u.speaker for u in utts], test_speakers=["17", "18"])

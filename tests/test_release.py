@@ -30,7 +30,7 @@ def test_release_files_are_safe_and_documented(RELEASE):
 @pytest.mark.integration
 @pytest.mark.parametrize("RELEASE", RELEASES, ids=lambda p: p.name)
 def test_released_adapter_answers_from_speech(tmp_path, RELEASE):
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.errors import BackboneError
     from paraencoder.labels import extract_emotion
@@ -45,7 +45,7 @@ def test_released_adapter_answers_from_speech(tmp_path, RELEASE):
     assert all(extract_emotion(r) is not None for r in replies), replies
     # The words still come through: asked to repeat, it says something about kids/dogs at the door.
     assert isinstance(adapter.generate(str(clips[0]), max_new_tokens=16), str)
-    shared = backbones.resolve_llm("smollm2-135m-instruct")
+    shared = resolve_llm("smollm2-135m-instruct")
     # The adapter uses the memoised LLM's weights; its stored system prompt stays on its own view.
     assert adapter.llm.model is shared.model
     if adapter.system_prompt is not None:

@@ -19,13 +19,13 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from conftest import tone  # noqa: E402
-from paraencoder import backbones  # noqa: E402
-from paraencoder.model.adapter import SpeechAdapter# noqa: E402
-from paraencoder.model.llm import SPEECH# noqa: E402
-from paraencoder.apps.serve.app import ServeConfig, create_app# noqa: E402
-from paraencoder.apps.serve.batching import Batcher, QueueFull# noqa: E402
-from paraencoder.apps.serve.engine import GenParams# noqa: E402
-from paraencoder.apps.serve.local import LocalServer# noqa: E402
+from paraencoder.model.resolve import resolve_llm
+from paraencoder.model.adapter import SpeechAdapter  # noqa: E402
+from paraencoder.model.llm import SPEECH  # noqa: E402
+from paraencoder.apps.serve.app import ServeConfig, create_app  # noqa: E402
+from paraencoder.apps.serve.batching import Batcher, QueueFull  # noqa: E402
+from paraencoder.apps.serve.engine import GenParams  # noqa: E402
+from paraencoder.apps.serve.local import LocalServer  # noqa: E402
 
 SR = 16000
 QUESTION = "How does the speaker feel? Answer in one sentence."
@@ -44,7 +44,7 @@ def audio_part(wave: np.ndarray, sr: int = SR, fmt: str = "wav") -> dict:
 
 @pytest.fixture(scope="module")
 def adapter(tiny_whisper_dir, tiny_llm_dir):
-    llm = backbones.resolve_llm(str(tiny_llm_dir))
+    llm = resolve_llm(str(tiny_llm_dir))
     torch.manual_seed(0)
     adapter = SpeechAdapter.build(str(tiny_whisper_dir), llm, stack=2, hidden_dim=32)
     with torch.no_grad():

@@ -19,6 +19,11 @@ contacts a model hub (``local_files_only=True`` everywhere). Loads are memoized 
 same spec and dtype give the same object, so the data module and the model share one LLM.
 
 No module imports the weight packages: their files are located with ``importlib`` metadata only.
+
+Why one module of ~740 lines: the packaged weights (pinned hashes, split parts), the GGUF and
+CTranslate2 conversions, the conversion cache and the memoised resolvers are one concern (where
+weights come from) with one process-wide memo; the CTranslate2 format is :mod:`.ct2`, the dtype
+probe :mod:`.precision`.
 """
 
 from __future__ import annotations
@@ -396,17 +401,17 @@ def load_causal_lm(spec: str | Path, dtype: torch.dtype | str = "float32") -> Lo
             raise BackboneError(f"{label!r} is a speech model, not a causal LM; LLM short names: {_names('llm')}")
         entry = _PACKAGED[label]
         files, _ = _packaged_files(label)
-        return _memo(
+        return memoize(
             ("llm", str(files[0]), torch_dtype),
             lambda: _load_gguf(files, label, label, torch_dtype, expected_sha256=entry.sha256, store_dtype=_dtype(entry.store_dtype)),
         )
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         path = path.resolve()
-        return _memo(("llm", str(path), torch_dtype), lambda: _load_gguf([path], path.stem.lower(), label, torch_dtype))
+        return memoize(("llm", str(path), torch_dtype), lambda: _load_gguf([path], path.stem.lower(), label, torch_dtype))
     if path.is_dir() and _is_hf_dir(path):
         path = path.resolve()
-        return _memo(("llm", str(path), torch_dtype), lambda: _load_llm_dir(path, path.name, label, _weight_files(path), torch_dtype))
+        return memoize(("llm", str(path), torch_dtype), lambda: _load_llm_dir(path, path.name, label, _weight_files(path), torch_dtype))
     raise BackboneError(
         f"LLM spec {label!r} is not a packaged name ({_names('llm')}), a transformers directory with config.json and "
         "*.safetensors, or a .gguf file"
@@ -417,7 +422,7 @@ def _names(kind: str) -> str:
     return ", ".join(n for n, e in _PACKAGED.items() if e.kind == kind)
 
 
-def _memo(key: tuple, load):
+def memoize(key: tuple, load):
     with _LOCK:
         if key not in _MEMO:
             # Loading never draws from the global random generator: a first run that converts a
@@ -492,15 +497,22 @@ def _load_gguf(
     return _load_llm_dir(directory, name, source, sources, dtype)
 
 
-def _load_llm_dir(directory: Path, name: str, source: str, weight_files: Sequence[Path], dtype: torch.dtype) -> LoadedLLM:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _from_directory(model_class, directory: Path, source: str, what: str, dtype: torch.dtype):
+    """``(model in eval mode, tokenizer)`` of a transformers directory, offline, SDPA attention; a BackboneError names both places."""
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype, attn_implementation="sdpa")
+        model = model_class.from_pretrained(directory, local_files_only=True, dtype=dtype, attn_implementation="sdpa")
     except Exception as exc:
-        raise BackboneError(f"cannot load the causal LM in {directory} (from {source}): {type(exc).__name__}: {exc}") from exc
-    model.eval()
+        raise BackboneError(f"cannot load {what} from {directory} (from {source}): {type(exc).__name__}: {exc}") from exc
+    return model.eval(), tokenizer
+
+
+def _load_llm_dir(directory: Path, name: str, source: str, weight_files: Sequence[Path], dtype: torch.dtype) -> LoadedLLM:
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _from_directory(AutoModelForCausalLM, directory, source, "the causal LM", dtype)
     identity = _identity(name, source, weight_files, model.config, hidden_size=int(model.config.hidden_size))
     return LoadedLLM(model, tokenizer, identity, directory)
 
@@ -534,17 +546,17 @@ def load_whisper(spec: str | Path | Sequence[str | Path], dtype: torch.dtype | s
         if _PACKAGED[spec].kind != "whisper":
             raise BackboneError(f"{spec!r} is a causal LM, not Whisper; Whisper short names: {_names('whisper')}")
         parts, aux = _packaged_files(spec)
-        return _memo(("whisper", tuple(map(str, parts)), torch_dtype), lambda: _load_ct2_whisper(parts, aux, spec, spec, torch_dtype))
+        return memoize(("whisper", tuple(map(str, parts)), torch_dtype), lambda: _load_ct2_whisper(parts, aux, spec, spec, torch_dtype))
     parts = _ct2_parts(spec)
     if parts is not None:
         parts = [p.resolve() for p in parts]
         name = parts[0].parent.name or "whisper"
-        return _memo(("whisper", tuple(map(str, parts)), torch_dtype), lambda: _load_ct2_whisper(parts, parts[-1].parent, name, label, torch_dtype))
+        return memoize(("whisper", tuple(map(str, parts)), torch_dtype), lambda: _load_ct2_whisper(parts, parts[-1].parent, name, label, torch_dtype))
     if isinstance(spec, (str, Path)) and _is_hf_dir(Path(spec).expanduser()):
         path = Path(spec).expanduser().resolve()
         if _hf_config(path).get("model_type") != "whisper":
             raise BackboneError(f"{path} holds a {_hf_config(path).get('model_type')!r} model, not Whisper")
-        return _memo(("whisper", str(path), torch_dtype), lambda: _load_whisper_dir(path, path.name, label, _weight_files(path), torch_dtype))
+        return memoize(("whisper", str(path), torch_dtype), lambda: _load_whisper_dir(path, path.name, label, _weight_files(path), torch_dtype))
     raise BackboneError(
         f"Whisper spec {label!r} is not a packaged name ({_names('whisper')}), a transformers Whisper directory, "
         "or CTranslate2 model.bin file(s)"
@@ -600,14 +612,9 @@ def _set_whisper_generation(model, tokenizer, config_json: Path | None) -> None:
 
 
 def _load_whisper_dir(directory: Path, name: str, source: str, weight_files: Sequence[Path], dtype: torch.dtype) -> LoadedWhisper:
-    from transformers import AutoTokenizer, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = WhisperForConditionalGeneration.from_pretrained(directory, local_files_only=True, dtype=dtype, attn_implementation="sdpa")
-    except Exception as exc:
-        raise BackboneError(f"cannot load Whisper from {directory} (from {source}): {type(exc).__name__}: {exc}") from exc
-    model.eval()
+    model, tokenizer = _from_directory(WhisperForConditionalGeneration, directory, source, "Whisper", dtype)
     config = model.config
     identity = _identity(name, source, weight_files, config, hidden_size=int(config.d_model), num_layers=int(config.encoder_layers))
     return LoadedWhisper(model, tokenizer, identity, directory)
@@ -700,40 +707,4 @@ def load_ssl_encoder(spec: str | Path, dtype: torch.dtype | str = "float32") -> 
         }
         return LoadedSSL(model, identity, path)
 
-    return _memo(("ssl", str(path), torch_dtype), load)
-
-
-# ---------------------------------------------------------------------------------------------
-# What the rest of the library calls
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_llm(spec: str | Path, dtype: torch.dtype | str = "float32"):
-    """A :class:`paraencoder.model.llm.FrozenLLM` for ``spec`` (memoized: one per spec and dtype)."""
-    from paraencoder.model.llm import FrozenLLM
-
-    loaded = load_causal_lm(spec, dtype)
-    return _memo(("frozen", id(loaded)), lambda: FrozenLLM(loaded.model, loaded.tokenizer, dict(loaded.identity)))
-
-
-def resolve_encoder(spec: str | Path | Sequence[str | Path], dtype: torch.dtype | str = "float32", **kwargs):
-    """A new :class:`paraencoder.model.encoders.SpeechEncoder` around a copy of the (memoized) pretrained weights.
-
-    Every call gets its own copy: an encoder may be fine-tuned, and must not change the weights
-    another encoder or the memoized Whisper model (used for transcription) sees. ``kwargs`` go to
-    the encoder wrapper (e.g. ``gradient_checkpointing``).
-    """
-    import copy
-
-    if is_whisper_spec(spec):
-        from paraencoder.model.encoders.whisper import WhisperSpeechEncoder
-
-        loaded = load_whisper(spec, dtype)
-        encoder = WhisperSpeechEncoder(copy.deepcopy(loaded.model.get_encoder()), **kwargs)
-    else:
-        from paraencoder.model.encoders import build_encoder
-
-        loaded = load_ssl_encoder(spec, dtype)
-        encoder = build_encoder(copy.deepcopy(loaded.model), **kwargs)
-    encoder.identity = dict(loaded.identity)
-    return encoder
+    return memoize(("ssl", str(path), torch_dtype), load)

@@ -13,6 +13,9 @@ int8, one number for int16).
 
 The reader memory-maps each file: a variable that lies inside one file is a zero-copy view; only a
 variable split across two parts (a model shipped in ``model.bin.part1`` + ``.part2``) is copied.
+
+Why one module of ~500 lines: the CTranslate2 binary reader and its one converter (to transformers'
+Whisper) are the whole format; nothing else reads it.
 """
 
 from __future__ import annotations
@@ -371,6 +374,16 @@ def ct2_whisper_to_hf(
             if not dst.endswith("k_proj"):
                 sd[f"{dst}.bias"] = bias[i * d_model : (i + 1) * d_model]
 
+    def self_attention(src: str, dst: str) -> None:
+        norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+        fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
+        linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+
+    def feed_forward(src: str, dst: str) -> None:
+        norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+        linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
+        linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
+
     enc, dec = "model.encoder", "model.decoder"
     sd[f"{enc}.conv1.weight"] = conv1
     sd[f"{enc}.conv1.bias"] = take("encoder/conv1/bias")
@@ -378,28 +391,19 @@ def ct2_whisper_to_hf(
     sd[f"{enc}.embed_positions.weight"] = take("encoder/position_encodings/encodings")
     norm("encoder/layer_norm", f"{enc}.layer_norm")
     for i in range(enc_layers):
-        src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
-        norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
-        fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
-        linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
-        norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
-        linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
-        linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
+        self_attention(f"encoder/layer_{i}", f"{enc}.layers.{i}")
+        feed_forward(f"encoder/layer_{i}", f"{enc}.layers.{i}")
     sd[f"{dec}.embed_tokens.weight"] = embed
     sd[f"{dec}.embed_positions.weight"] = take("decoder/position_encodings/encodings")
     norm("decoder/layer_norm", f"{dec}.layer_norm")
     for i in range(dec_layers):
         src, dst = f"decoder/layer_{i}", f"{dec}.layers.{i}"
-        norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
-        fused(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
-        linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+        self_attention(src, dst)
         norm(f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
         linear(f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj")
         fused(f"{src}/attention/linear_1", [f"{dst}.encoder_attn.k_proj", f"{dst}.encoder_attn.v_proj"])
         linear(f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
-        norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
-        linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
-        linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
+        feed_forward(src, dst)
     if "decoder/projection/weight" in v:
         proj = take("decoder/projection/weight")
         if model.aliases.get("decoder/projection/weight") != "decoder/embeddings/weight" and not np.array_equal(proj, embed):

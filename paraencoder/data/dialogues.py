@@ -26,6 +26,9 @@ Training: :class:`DialogueExample` is an :class:`~paraencoder.data.dataset.Align
 several clips; ``AlignmentData(dialogue_manifest=...)`` mixes them into the batches, and
 :func:`dialogue_student_batch` builds the student side of a (mixed) batch through
 :meth:`FrozenLLM.encode_dialogues` and :meth:`FrozenLLM.embed` from one adapter forward over every clip.
+
+Why one module of ~550 lines: the dialogue manifest format (reading, validation with line numbers)
+and the batches it becomes are one format; each half alone would not say what a row means.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Conventions:
   ``hap``/``joy`` -> ``happy``, ...); see :data:`EMOTION_SYNONYMS`.
 * Dimensional labels (valence/arousal/dominance) keep the scale of their source corpus
   (1..5 for IEMOCAP, 1..7 for MSP-Podcast); only finiteness is checked.
+
+Why one module of ~690 lines: the manifest is the library's one data format; every field's
+validation (with file, line and field in the error) lives next to its definition.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ depend on the calls before it. :func:`synthesize_corpus` therefore makes every c
 forked child of a worker process that has initialised espeak but never spoken: each clip is then a
 pure function of its arguments (same seed, same bytes; a deleted clip is regenerated identically).
 On systems without ``fork`` it falls back to in-process synthesis (not byte-reproducible).
+
+Why one module of ~500 lines: the espeak-ng bindings (ctypes), the voice presets and the
+forked-worker synthesis are one mechanism; splitting them would spread the ctypes state around.
 """
 
 from __future__ import annotations

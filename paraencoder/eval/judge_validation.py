@@ -20,8 +20,7 @@ def validate_judge(
     *,
     template: str = "emotion_correct",
     threshold: int = 4,
-    n_resamples: int = 2000,
-    seed: int = 0,
+    n_resamples: int = 2000, seed: int = 0,  # the bootstrap intervals
 ) -> dict:
     """How well judge scores track ground-truth correctness (the method's judge validation).
 

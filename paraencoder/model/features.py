@@ -82,10 +82,7 @@ class LogMelSpectrogram(torch.nn.Module):
 
     def __init__(
         self,
-        n_mels: int = 80,
-        n_fft: int = 400,
-        hop_length: int = 160,
-        sample_rate: int = 16000,
+        n_mels: int = 80, n_fft: int = 400, hop_length: int = 160, sample_rate: int = 16000,  # Whisper's front end
         compute_dtype: torch.dtype | None = None,
     ):
         super().__init__()

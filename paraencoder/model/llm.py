@@ -3,6 +3,11 @@
 ``FrozenLLM`` is deliberately *not* an ``nn.Module``: it cannot be registered as a submodule of the
 trainer, so its weights are never in an optimizer, a checkpoint or DDP's gradient buckets.
 Gradients still flow *through* it to the spliced soft tokens.
+
+Why one module of ~740 lines: :class:`FrozenLLM` is one object: prompt rendering, the splice, the
+forward with its shared-prefix KV cache and the decoding loop share its tokenizer, control-token
+checks and cache; the sections are marked. The one speech forward on top of it is
+:mod:`paraencoder.model.forward`.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ class FrozenLLM:
     def with_system_prompt(self, system_prompt: str | None) -> "FrozenLLM":
         """A view of this LLM (the same model, tokenizer and identity) whose default system prompt is ``system_prompt``.
 
-        ``backbones.resolve_llm`` memoises and shares one object per spec, so per-adapter or per-run
+        ``resolve_llm`` memoises and shares one object per spec, so per-adapter or per-run
         prompt state goes on a view and never onto the shared object (where it would leak into every
         adapter loaded after it).
         """
@@ -185,10 +190,14 @@ class FrozenLLM:
         return self
 
     @property
+    def embedding_table(self) -> torch.Tensor:
+        """The input embedding matrix ``[V, H]`` (read-only use: class-word embeddings of the cue and heads)."""
+        return self.model.get_input_embeddings().weight
+
+    @property
     def embedding_rms(self) -> float:
         """Root-mean-square of the token embeddings: soft tokens are initialised to this scale."""
-        weight = self.model.get_input_embeddings().weight
-        return float(weight.detach().float().pow(2).mean().sqrt())
+        return float(self.embedding_table.detach().float().pow(2).mean().sqrt())
 
     def _stop_token_ids(self) -> list[int]:
         ids = set()

@@ -13,7 +13,7 @@ Every method that trains a LoRA on the frozen LLM (PE-FT, ParaBridge) saves it t
 
 So ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llm_dir), "<adapter>/lora")``
 reads it too. The LoRA always goes on a *private copy* of the LLM (:func:`private_copy`): the LLM
-that :func:`paraencoder.backbones.resolve_llm` memoises is shared by every adapter, the data module
+that :func:`paraencoder.model.resolve.resolve_llm` memoises is shared by every adapter, the data module
 and teacher-reply generation, and must stay the bit-identical frozen base.
 """
 
@@ -171,7 +171,7 @@ def _missing(directory: Path, path: Path) -> ConfigError:
 
 def _check_pinned(directory: Path, path: Path, sha256: str, key: str) -> None:
     """``path`` exists, is a regular file and has the hash ``lora.<key>`` of the adapter config pins."""
-    from paraencoder.model.adapter import _file_sha256, _regular_file
+    from paraencoder.model.adapter_files import _file_sha256, _regular_file
 
     if not os.path.lexists(path):
         raise _missing(directory, path)
@@ -192,7 +192,7 @@ def load_lora(directory: str | os.PathLike, section: dict, llm: FrozenLLM) -> Fr
     """
     from peft import LoraConfig
 
-    from paraencoder.model.adapter import check_llm_identity, read_safetensors_checked
+    from paraencoder.model.adapter_files import check_llm_identity, read_safetensors_checked
 
     directory = Path(directory)
     sub = directory / section["path"]

@@ -47,17 +47,12 @@ class ObjectiveMix(nn.Module):
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        kl_weight: float = 0.0,
-        jsd_weight: float = 0.0,
-        aux_weight: float = 0.0,
-        temperature: float = 1.0,
-        beta: float = 0.5,
-        chunk_size: int = 1024,
-        kl_direction: str = "forward",
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        topk_mode: str = "both",
+        # how much each part counts (0 = not computed)
+        ce_weight: float = 1.0, kl_weight: float = 0.0, jsd_weight: float = 0.0, aux_weight: float = 0.0,
+        # the distillation terms
+        temperature: float = 1.0, beta: float = 0.5, kl_direction: str = "forward", topk_mode: str = "both",
+        # the token losses
+        chunk_size: int = 1024, label_smoothing: float = 0.0, ignore_index: int = -100,
     ):
         super().__init__()
         weights = {"ce": ce_weight, "kl": kl_weight, "jsd": jsd_weight, "aux": aux_weight}

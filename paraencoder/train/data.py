@@ -143,7 +143,7 @@ class AlignmentData(L.LightningDataModule):
         self.val_set: AlignmentDataset | None = None
 
     def _examples(self, manifest: str) -> list[AlignmentExample]:
-        from paraencoder import backbones
+        from paraencoder.model.resolve import resolve_llm
         from paraencoder.data.manifest import load_manifest
 
         utts = self._good_utterances(manifest) if self.hparams.get("bad_items", "fail") != "off" else load_manifest(manifest)
@@ -167,7 +167,7 @@ class AlignmentData(L.LightningDataModule):
             g = torch.Generator().manual_seed(self.hparams.seed)
             order = torch.randperm(len(examples), generator=g).tolist()
             examples = [examples[i] for i in order[: self.hparams.max_examples]]
-        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
+        llm = resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
         cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
         decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
         examples = attach_teacher_replies(examples, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
@@ -193,13 +193,13 @@ class AlignmentData(L.LightningDataModule):
 
             extra += explicit_examples([u for u in utts if u.emotion or u.age_group], tasks)
         if mode in ("implicit", "both"):
-            from paraencoder import backbones
+            from paraencoder.model.resolve import resolve_llm
             from paraencoder.data.qa import generate_qa, make_qa_generator, qa_examples
 
             # "local" with no model named writes with the frozen LLM being trained; a named model
             # (the packaged judge) is loaded by make_qa_generator itself.
             local_self = self.hparams.qa_generator == "local" and not self.hparams.qa_generator_model
-            llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype) if local_self else None
+            llm = resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype) if local_self else None
             generator = make_qa_generator(self.hparams.qa_generator, self.hparams.qa_generator_model, llm=llm)
             cache_dir = Path(self.hparams.teacher_cache or default_cache_dir() / "teacher").parent / "qa"
             with_emotion = [u for u in utts if u.transcript and u.emotion]
@@ -271,10 +271,10 @@ class AlignmentData(L.LightningDataModule):
         """Dialogue examples of a dialogue manifest with their targets (teacher replies cached like all others)."""
         if not manifest:
             return []
-        from paraencoder import backbones
+        from paraencoder.model.resolve import resolve_llm
         from paraencoder.data.dialogues import load_dialogue_examples
 
-        llm = backbones.resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
+        llm = resolve_llm(self.hparams.llm, dtype=self.hparams.llm_dtype).with_system_prompt(self.system_prompt())
         cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
         decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
         return load_dialogue_examples(manifest, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)

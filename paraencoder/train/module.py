@@ -6,6 +6,9 @@ gradients, no optimizer state, not in checkpoints, not in DDP buckets. Checkpoin
 trains. Methods (:mod:`paraencoder.train.methods`) subclass it: they declare their extra trainable
 parts through :meth:`AlignmentModule.param_groups`, their loss terms in :meth:`compute_loss`, and
 what they export in :meth:`export_parts`; optimizer, schedule, export and resume stay here.
+
+Why one module of ~580 lines: the spine is one LightningModule (forward, loss, encoder-state cache,
+cue fit, optimizer, export); each section is marked and every method builds on all of them.
 """
 
 from __future__ import annotations
@@ -137,9 +140,9 @@ class AlignmentModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        from paraencoder import backbones
+        from paraencoder.model.resolve import resolve_llm
 
-        self.llm: FrozenLLM = backbones.resolve_llm(llm, dtype=llm_dtype)
+        self.llm: FrozenLLM = resolve_llm(llm, dtype=llm_dtype)
         if system_prompt is not None:
             # A view: the resolved LLM is memoised and shared, so the prompt must not be written onto it.
             self.llm = self.llm.with_system_prompt(system_prompt)
@@ -163,7 +166,7 @@ class AlignmentModule(L.LightningModule):
             raise ConfigError(f"model.cue_fit_on={cue_fit_on!r}: use 'examples' (clips with a kept example) or 'clips' (every labelled training clip)")
         self.aux = self._build_aux_head(aux_head, aux_weight, summary_tokens)
         if init_adapter:
-            from paraencoder.model.adapter import load_adapter_weights
+            from paraencoder.model.adapter_files import load_adapter_weights
 
             load_adapter_weights(self.adapter, init_adapter, self.llm)
         self.objective = ObjectiveMix(ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature, chunk_size=chunk_size)
@@ -183,7 +186,7 @@ class AlignmentModule(L.LightningModule):
         embeddings = None
         if kind == "words":
             # The LLM's own input embedding of each class word (mean over its sub-word pieces).
-            table = self.llm.model.get_input_embeddings().weight.detach()
+            table = self.llm.embedding_table.detach()
             embeddings = {}
             for attr, words in LABEL_WORDS.items():
                 rows = []

@@ -223,14 +223,14 @@ def teacher_main(argv: list[str]) -> int:
     from paraencoder.inputs import check_manifest
 
     check_manifest(args.manifest)
-    from paraencoder import backbones
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.data.dataset import build_examples
     from paraencoder.data.manifest import load_manifest
     from paraencoder.data.teacher import Decoding, TeacherCache, TeacherRequest, generate_teacher_replies
     from paraencoder.prompts import get_tasks
     from paraencoder.train.module import default_cache_dir
 
-    llm = backbones.resolve_llm(args.llm, dtype=args.llm_dtype)
+    llm = resolve_llm(args.llm, dtype=args.llm_dtype)
     examples = build_examples(load_manifest(args.manifest), get_tasks(args.tasks), source=args.manifest)
     cache = TeacherCache(args.cache or default_cache_dir() / "teacher")
     requests = [TeacherRequest(ex.teacher_prompt, ex.system) for ex in examples if ex.reply is None]

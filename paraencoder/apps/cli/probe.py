@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         from paraencoder.inputs import check_adapter_dir
 
         check_adapter_dir(args.adapter)
-    from paraencoder.analysis.probe import main as probe_main
+    from paraencoder.analysis.probe import run_probe
 
-    return probe_main(argv)
+    run_probe(
+        encoder=args.encoder, adapter=args.adapter, llm=args.llm, data=args.data, out=args.out, name=args.name,
+        batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, limit=args.limit,
+        content_word=args.content_word, margin=args.margin, seed=args.seed,
+    )
+    return 0

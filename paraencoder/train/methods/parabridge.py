@@ -79,23 +79,16 @@ class ParaBridgeModule(AlignmentModule):
     def __init__(
         self,
         *,
-        beta: float = 0.5,
-        jsd_temperature: float = 1.2,
-        on_policy_share: float = 1.0,
-        rollout_max_new_tokens: int = 48,
-        rollout_temperature: float = 1.0,
-        rollout_top_p: float = 1.0,
-        rollout_reuse_steps: int = 1,
-        rollout_seed: int = 0,
-        teacher_view: str = "scaffold",
-        scaffold: str | None = None,
-        scaffold_position: str = "system",
-        init_adapter: str | None = None,
-        lora_rank: int = 0,
-        lora_alpha: float = 16.0,
+        # the loss: generalized JSD to the teacher view (+ CE on the dataset reply in off-policy batches)
+        beta: float = 0.5, jsd_temperature: float = 1.2, ce_weight: float = 0.0,
+        # on-policy rollouts
+        on_policy_share: float = 1.0, rollout_max_new_tokens: int = 48, rollout_temperature: float = 1.0,
+        rollout_top_p: float = 1.0, rollout_reuse_steps: int = 1, rollout_seed: int = 0,
+        # the privileged teacher view, and where the student starts
+        teacher_view: str = "scaffold", scaffold: str | None = None, scaffold_position: str = "system", init_adapter: str | None = None,
+        # an optional LoRA on the LLM (on a private copy)
+        lora_rank: int = 0, lora_alpha: float = 16.0, lora_layers: str | None = None,
         lora_target_modules: list[str] = ["q_proj", "v_proj"],  # noqa: B006 - jsonargparse needs a literal default
-        lora_layers: str | None = None,
-        ce_weight: float = 0.0,
         **kwargs,
     ):
         if teacher_view not in TEACHER_VIEWS:
