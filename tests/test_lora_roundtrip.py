@@ -27,6 +27,35 @@ def clips(corpus: Path) -> list[str]:
     return [str(corpus / f"clip{i}.wav") for i in range(3)]
 
 
+def suite_replies(adapter, corpus: Path) -> dict[str, str]:
+    """What the ``emotion`` suite asks (trained phrasing, one batch of every clip by duration), clip id -> reply."""
+    from paraencoder.data.manifest import load_manifest
+    from paraencoder.prompts import TASKS
+
+    utts = sorted(load_manifest(corpus / "manifest.jsonl"), key=lambda u: u.duration or 0.0)
+    return dict(zip([u.id for u in utts], adapter.generate([str(u.audio) for u in utts], TASKS["emotion"].student, max_new_tokens=6)))
+
+
+def eval_replies(export: Path, corpus: Path, out: Path) -> dict[str, str]:
+    """``paraencoder eval --suite emotion`` on the exported directory: clip id -> the speech view's reply."""
+    from paraencoder.apps.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["eval", "--adapter", str(export), "--suite", "emotion", "--data", str(corpus / "manifest.jsonl"), "--out", str(out),
+                     "--max-new-tokens", "6", "--no-baselines", "--quiet"]) == 0
+    return {r["id"]: r["speech_reply"] for r in json.loads((out / "emotion.json").read_text())["rows"]}
+
+
+def chat_replies(export: Path, corpus: Path) -> list[str]:
+    """``paraencoder chat`` on the exported directory: the printed replies to :func:`clips`."""
+    from paraencoder.apps.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["chat", *clips(corpus), "--adapter", str(export), "--max-new-tokens", "6"]) == 0
+    return [line.strip() for line in out.getvalue().splitlines()[1::2]]
+
+
 def randomize_lora_b(model: torch.nn.Module, seed: int) -> None:
     """LoRA starts as the identity (B = 0) and two steps leave it near there: make it matter."""
     g = torch.Generator().manual_seed(seed)
@@ -55,11 +84,13 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def peft_run(tmp_path_factory, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
-    """A PE-FT run with LoRA on LLM layer 1, exported at train end; its in-memory greedy replies."""
+    """A PE-FT run with LoRA on LLM layer 1 and a kept dual-level head, exported at train end; its in-memory
+    greedy replies (to :func:`clips`, and to the emotion suite's question)."""
     tmp = tmp_path_factory.mktemp("peft_lora")
     L.seed_everything(0)
     module = PEFTAlignmentModule(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), cache_encoder=False, train_layers="1",
-                                 lora_layers="1", lora_rank=4, export_dir=str(tmp / "adapter"), **COMMON)
+                                 lora_layers="1", lora_rank=4, export_dir=str(tmp / "adapter"),
+                                 head_hierarchy={"emotion": {"negative": ["sad"], "positive": ["happy"]}}, keep_head=True, **COMMON)
     randomize_lora_b(module.llm.model, seed=1)
     data = AlignmentData(train_manifest=str(toy_corpus / "manifest.jsonl"), tasks=["emotion"], llm=str(tiny_llm_dir), batch_size=3,
                          teacher_cache=str(tmp / "teacher"), teacher_max_new_tokens=4, bucket=False)
@@ -67,7 +98,8 @@ def peft_run(tmp_path_factory, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
     module.adapter.attach_llm(module.llm)
     with module.lora.active():
         replies = module.adapter.generate(clips(toy_corpus), max_new_tokens=6)
-    return tmp / "adapter", replies
+        suite = suite_replies(module.adapter, toy_corpus)
+    return tmp / "adapter", replies, suite
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +115,11 @@ def parabridge_run(tmp_path_factory, tiny_llm_dir, tiny_whisper_dir, toy_corpus)
     trainer = fit(module, data, tmp, steps=1)
     trainer.save_checkpoint(tmp / "last.ckpt")
     replies = module.adapter.generate(clips(toy_corpus), max_new_tokens=6)
-    return tmp / "adapter", tmp / "last.ckpt", replies
+    return tmp / "adapter", tmp / "last.ckpt", replies, suite_replies(module.adapter, toy_corpus)
 
 
 def test_peft_lora_round_trip_through_from_pretrained_and_chat(peft_run, tiny_llm_dir, toy_corpus):
-    export, trained = peft_run
+    export, trained, _ = peft_run
     shared = resolve_llm(str(tiny_llm_dir))
     before = state_of(shared.model)
     config = json.loads((export / "adapter_config.json").read_text())
@@ -103,17 +135,27 @@ def test_peft_lora_round_trip_through_from_pretrained_and_chat(peft_run, tiny_ll
     assert_same_state(state_of(shared.model), before)
     assert not any("lora_" in n for n, _ in shared.model.named_parameters())
     # `paraencoder chat` serves the same replies.
-    from paraencoder.apps.cli import main
+    assert chat_replies(export, toy_corpus) == [r.strip() for r in trained]
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["chat", *clips(toy_corpus), "--adapter", str(export), "--max-new-tokens", "6"]) == 0
-    printed = out.getvalue().splitlines()
-    assert [line.strip() for line in printed[1::2]] == [r.strip() for r in trained]
+
+def test_every_entry_point_serves_what_each_method_trained(peft_run, parabridge_run, toy_corpus, tmp_path):
+    """PE-FT (LoRA + head) and ParaBridge (LoRA), exported: from_pretrained, `paraencoder chat` and `paraencoder eval`
+    give the in-memory trained module's greedy replies; each method's LoRA loads through the other's loader."""
+    from paraencoder.train.methods.parabridge import load_parabridge
+
+    (peft_export, peft_trained, peft_suite), (pb_export, _, pb_trained, pb_suite) = peft_run, parabridge_run
+    assert (peft_export / "head.safetensors").is_file() and (peft_export / "head_config.json").is_file()
+    for name, export, trained, suite in (("pe-ft", peft_export, peft_trained, peft_suite), ("parabridge", pb_export, pb_trained, pb_suite)):
+        assert SpeechAdapter.from_pretrained(export).generate(clips(toy_corpus), max_new_tokens=6) == trained, name
+        assert chat_replies(export, toy_corpus) == [r.strip() for r in trained], name
+        assert eval_replies(export, toy_corpus, tmp_path / name) == suite, name
+    # ParaBridge's loader serves a PE-FT LoRA and the other way round: one format, one loader.
+    assert load_parabridge(peft_export).generate(clips(toy_corpus), max_new_tokens=6) == peft_trained
+    assert SpeechAdapter.from_pretrained(pb_export).generate(clips(toy_corpus), max_new_tokens=6) == pb_trained
 
 
 def test_parabridge_lora_export_and_checkpoint_export_round_trip(parabridge_run, tiny_llm_dir, toy_corpus, tmp_path):
-    export, checkpoint, trained = parabridge_run
+    export, checkpoint, trained, _ = parabridge_run
     shared = resolve_llm(str(tiny_llm_dir))
     before = state_of(shared.model)
     assert SpeechAdapter.from_pretrained(export).generate(clips(toy_corpus), max_new_tokens=6) == trained
