@@ -127,6 +127,10 @@ def test_peft_lora_round_trip_through_from_pretrained_and_chat(peft_run, tiny_ll
     assert config["lora"]["llm"]["weights_sha256"] == shared.identity["weights_sha256"]
     loaded = SpeechAdapter.from_pretrained(export)
     assert loaded.llm.model is not shared.model  # a private copy carries the LoRA
+    # ... and costs no second LLM: its frozen weights are the shared tensors, only the LoRA matrices are new.
+    storages = {p.data_ptr() for p in shared.model.parameters()}
+    base = {n: p for n, p in loaded.llm.model.named_parameters() if "lora_" not in n}
+    assert base and all(p.data_ptr() in storages for p in base.values())
     assert loaded.generate(clips(toy_corpus), max_new_tokens=6) == trained
     plain = SpeechAdapter.from_pretrained(export, lora=False)
     assert plain.llm.model is shared.model

@@ -45,11 +45,16 @@ MAX_PEFT_CONFIG_BYTES = 1024**2
 
 
 def private_copy(llm: FrozenLLM) -> FrozenLLM:
-    """A :class:`FrozenLLM` on a deep copy of ``llm``'s model (same tokenizer, identity and system prompt).
+    """A :class:`FrozenLLM` on a copy of ``llm``'s module tree (same tokenizer, identity and system prompt).
 
-    LoRA layers go on this copy, never on the shared memoised LLM.
+    LoRA layers go on this copy, never on the shared memoised LLM. The frozen weights and buffers are
+    *shared*, not copied: they never change (no gradient, never merged), so the copy costs the
+    module objects and the LoRA matrices only, not a second LLM in memory (a 7B LoRA run would
+    otherwise hold two). Moving either copy to another device or dtype moves the shared tensors.
     """
-    return FrozenLLM(copy.deepcopy(llm.model), llm.tokenizer, dict(llm.identity), llm.system_prompt)
+    model = llm.model
+    frozen = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return FrozenLLM(copy.deepcopy(model, memo=frozen), llm.tokenizer, dict(llm.identity), llm.system_prompt)
 
 
 def make_lora_config(rank: int, alpha: float, target_modules: Sequence[str], layers: Sequence[int] | None):
