@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -251,3 +252,61 @@ def test_fit_prints_step_progress_in_a_log_and_no_unactionable_warnings(tmp_path
     assert "Epoch 0/" not in out + proc.stderr  # Lightning's per-epoch bar is replaced
     for text in NOISE:
         assert text not in out + proc.stderr, (text, (out + proc.stderr)[-3000:])
+
+
+def test_a_typed_function_is_its_command_line(capsys):
+    """paraencoder.apps.cli.signature: dashed options, flags, lists, choices, positionals, pass-through, help from the docstring."""
+    from paraencoder.apps.cli.signature import build_parser, run
+
+    seen = {}
+
+    def command(clips: list[str], *extra: str, out: Path, max_new_tokens: int = 64, no_audio: bool = False, mode: Literal["a", "b"] = "a",
+                names: list[str] = ["x"], n: int = 3, share: float | None = None) -> int:  # noqa: B006
+        """Do a thing.
+
+        Args:
+            clips: the clips.
+            out: where (100% of it).
+            max_new_tokens: longest reply,
+                in tokens.
+            no_audio, mode: two at once.
+        """
+        seen.update(clips=clips, extra=extra, out=out, max_new_tokens=max_new_tokens, no_audio=no_audio, mode=mode, names=names, n=n, share=share)
+        return 0
+
+    assert run(command, ["a.wav", "b.wav", "--out", "o", "--max-new-tokens", "5", "--no-audio", "--names", "p", "q", "-n", "7", "--trainer.x", "1"], prog="t") == 0
+    assert seen == {"clips": ["a.wav", "b.wav"], "extra": ("--trainer.x", "1"), "out": Path("o"), "max_new_tokens": 5, "no_audio": True, "mode": "a",
+                    "names": ["p", "q"], "n": 7, "share": None}
+    text = build_parser(command, prog="t").format_help()
+    assert "Do a thing." in text and "longest reply, in tokens. (default: 64)" in text and "100% of it" in text and "{a,b}" in text
+    assert "two at once" in text.split("--mode")[1] and "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        run(command, ["a.wav", "--max-new-tokens", "5"], prog="t")  # --out is required
+    assert "--out" in capsys.readouterr().err
+
+    def strict(*, k: int = 1) -> int:
+        """Strict."""
+        return k
+
+    with pytest.raises(SystemExit):
+        run(strict, ["--nope"], prog="t")
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_every_task_command_is_a_documented_typed_function():
+    """Each `paraencoder` task command's parser is built from its signature; every option has help text and no torch is needed."""
+    import importlib
+    import inspect
+
+    from paraencoder.apps.cli import TASK_COMMANDS
+    from paraencoder.apps.cli.signature import build_parser
+
+    for name, (path, _) in TASK_COMMANDS.items():
+        module_name, attr = path.split(":")
+        target = getattr(importlib.import_module(module_name), attr)
+        functions = target.values() if isinstance(target, dict) else [target]
+        for func in functions:
+            parser = build_parser(func, prog=f"paraencoder {name}")
+            params = [p for p in inspect.signature(func).parameters.values() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+            undocumented = [a.dest for a in parser._actions if a.dest in {p.name for p in params} and not a.help]
+            assert not undocumented, f"paraencoder {name} ({func.__name__}): no help for {undocumented}"

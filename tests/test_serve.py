@@ -234,7 +234,7 @@ def test_bounded_queue_refuses_when_full():
 def test_cli_has_serve():
     from paraencoder.apps.cli import TASK_COMMANDS, main
 
-    assert TASK_COMMANDS["serve"][0] == "paraencoder.apps.serve.cli:main"
+    assert TASK_COMMANDS["serve"][0] == "paraencoder.apps.serve.cli:serve"
     with pytest.raises(SystemExit) as info:
         main(["serve", "--help"])
     assert info.value.code == 0

@@ -22,7 +22,6 @@ teacher cache are reused, and a finished adapter is evaluated as is (``--retrain
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -193,26 +192,32 @@ def render_report(results: dict, timings: dict, out: Path, quick: bool, adapter_
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="paraencoder demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None, help="folder with ravdess/ and speechocean762/ metadata.jsonl (default ../shared/data)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
-    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "hearing.yaml", help="the recipe trained (default: the released adapter's, docs/hearing.md)")
-    parser.add_argument(
-        "--ocean-train-clips", type=int, default=None,
-        help="speechocean762 training clips used (0 = all; default all, or 240 for a recipe with the respond task, which costs one teacher reply per clip)",
-    )
-    parser.add_argument("--quick", action="store_true", help="a few minutes: evaluate the released adapter on stratified held-out clips (no training)")
-    parser.add_argument("--adapter", type=Path, default=RELEASED, help="the adapter --quick evaluates")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
-    parser.add_argument("--retrain", action="store_true", help="train again even if an adapter exists")
-    parser.add_argument("--eval-limit", type=int, default=None, help="at most this many clips per evaluation suite")
-    from paraencoder.threads import add_threads_argument
+def demo(
+    *extra: str,
+    data: Path | None = None,
+    out: Path = Path("outputs/demo"),
+    recipe: Path = REPO / "recipes" / "hearing.yaml",
+    ocean_train_clips: int | None = None,
+    quick: bool = False,
+    adapter: Path = RELEASED,
+    max_steps: int | None = None,
+    retrain: bool = False,
+    eval_limit: int | None = None,
+) -> int:
+    """The quickstart: build data, train on the packaged default, evaluate (arguments it does not know go to ``fit``).
 
-    add_threads_argument(parser)
-    args, extra = parser.parse_known_args(argv)
-    data = args.data or _default_data()
-    out = args.out
+    Args:
+        data: folder with ravdess/ and speechocean762/ metadata.jsonl (default ../shared/data).
+        out: output directory.
+        recipe: the recipe trained (default: the released adapter's, docs/hearing.md).
+        ocean_train_clips: speechocean762 training clips used (0 = all; default all, or 240 for a recipe with the respond task, which costs one teacher reply per clip).
+        quick: a few minutes: evaluate the released adapter on stratified held-out clips (no training).
+        adapter: the adapter --quick evaluates.
+        max_steps: override the recipe's max_steps.
+        retrain: train again even if an adapter exists.
+        eval_limit: at most this many clips per evaluation suite.
+    """
+    data = data or _default_data()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PARAENCODER_CACHE", str(Path.home() / ".cache" / "paraencoder"))
     # Stage times of an earlier (resumed) run are kept; stages run now overwrite theirs.
@@ -220,17 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
     t = time.perf_counter()
-    ocean_clips = args.ocean_train_clips if args.ocean_train_clips is not None else (240 if "respond" in recipe_tasks(args.recipe) else 0)
-    manifests = build_manifests(data, out, quick=args.quick, ocean_train_clips=ocean_clips)
+    ocean_clips = ocean_train_clips if ocean_train_clips is not None else (240 if "respond" in recipe_tasks(recipe) else 0)
+    manifests = build_manifests(data, out, quick=quick, ocean_train_clips=ocean_clips)
     timings["data: manifests"] = time.perf_counter() - t
     print(f"[demo] manifests: {', '.join(f'{k}={v}' for k, v in manifests.items())}")
 
-    adapter_dir = args.adapter if args.quick else out / "adapter"
-    if args.quick:
+    adapter_dir = adapter if quick else out / "adapter"
+    if quick:
         print(f"[demo] quick: evaluating the released adapter {adapter_dir} (trained by the full demo; nothing is trained now)")
-    elif args.retrain or not (adapter_dir / "adapter.safetensors").is_file():
+    elif retrain or not (adapter_dir / "adapter.safetensors").is_file():
         t = time.perf_counter()
-        _fit(run_recipe(args.recipe, out, manifests), out, manifests["train"], args.max_steps, extra)
+        _fit(run_recipe(recipe, out, manifests), out, manifests["train"], max_steps, list(extra))
         timings["teacher replies + training"] = time.perf_counter() - t
         atomic_write_json(timings_path, timings)
         print(f"[demo] adapter written to {adapter_dir} ({timings['teacher replies + training']:.0f} s)", flush=True)
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     adapter = SpeechAdapter.from_pretrained(adapter_dir)
     results = {}
-    limit = args.eval_limit
+    limit = eval_limit
     plan = [("emotion", "test_ravdess"), ("age", "test_speechocean")]
     for suite, split in plan:
         if split not in manifests:
@@ -258,13 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     timings["eval: total"] = time.perf_counter() - t
 
     atomic_write_json(timings_path, timings)
-    report = render_report(results, timings, out, args.quick, adapter_dir)
+    report = render_report(results, timings, out, quick, adapter_dir)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "results.json", {k: v.get("metrics", v) for k, v in results.items()})
     print(report)
     print(f"[demo] report written to {out / 'report.md'}")
     return 0
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``paraencoder demo ARGS`` from Python."""
+    from paraencoder.apps.cli.signature import run
+
+    return run(demo, argv, prog="paraencoder demo")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,8 +1,9 @@
 """The ``paraencoder`` command.
 
-``fit | validate`` go to LightningCLI (recipes are LightningCLI YAMLs); the task commands
-(``chat``, ``data``, ``teacher``, ``probe``, ``eval``, ``demo``) are small argparse programs that
-live next to what they drive and are imported only when called.
+``fit | validate`` go to LightningCLI (recipes are LightningCLI YAMLs); every task command
+(``chat``, ``teacher``, ``export``, ``data ...``, ``probe``, ``eval``, ``demo``, ``serve``) is a typed
+function whose signature is its command line (:mod:`paraencoder.apps.cli.signature`), registered in
+:data:`TASK_COMMANDS` and imported only when called.
 
 ``paraencoder CMD --help`` never imports torch or transformers (< 1 s); ``fit --help`` is a
 short summary (``fit --help-all`` is LightningCLI's full list). Every command takes
@@ -12,26 +13,26 @@ short summary (``fit --help-all`` is LightningCLI's full list). Every command ta
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 import warnings
 
-from paraencoder.threads import add_threads_argument, applied_threads, set_threads
+from paraencoder.threads import applied_threads, set_threads
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 
-# name -> ("module:function", help). Each function takes argv (list[str]) and returns an exit code.
+# name -> ("module:function", help). The function is the command: its typed signature is the command line
+# (paraencoder.apps.cli.signature); a dict of functions gives subcommands.
 TASK_COMMANDS: dict[str, tuple[str, str]] = {
-    "chat": ("paraencoder.apps.cli:chat_main", "talk to the frozen LLM with speech through an adapter"),
-    "teacher": ("paraencoder.apps.cli:teacher_main", "generate and cache teacher replies for a manifest"),
-    "data": ("paraencoder.apps.cli.data:main", "build, validate and split manifests from corpora"),
-    "probe": ("paraencoder.apps.cli.probe:main", "layer-wise linear probes of paralinguistic cues"),
-    "eval": ("paraencoder.apps.cli.eval:main", "evaluation suites (emotion, age, gender, empathy, content, safety)"),
-    "export": ("paraencoder.apps.cli:export_main", "write what a Lightning checkpoint trained (adapter, LLM LoRA) as safetensors + JSON"),
-    "demo": ("paraencoder.apps.demo:main", "the quickstart: build data, train on the packaged default, evaluate"),
-    "serve": ("paraencoder.apps.serve.cli:main", "OpenAI-compatible chat-completions server for an adapter (speech in dialogue)"),
+    "chat": ("paraencoder.apps.cli:chat", "talk to the frozen LLM with speech through an adapter"),
+    "teacher": ("paraencoder.apps.cli:teacher", "generate and cache teacher replies for a manifest"),
+    "data": ("paraencoder.apps.cli.data:COMMANDS", "build, validate and split manifests from corpora"),
+    "probe": ("paraencoder.apps.cli.probe:probe", "layer-wise linear probes of paralinguistic cues"),
+    "eval": ("paraencoder.apps.cli.eval:evaluate", "evaluation suites (emotion, age, gender, empathy, content, safety)"),
+    "export": ("paraencoder.apps.cli:export", "write what a Lightning checkpoint trained (adapter, LLM LoRA) as safetensors + JSON"),
+    "demo": ("paraencoder.apps.demo:demo", "the quickstart: build data, train on the packaged default, evaluate"),
+    "serve": ("paraencoder.apps.serve.cli:serve", "OpenAI-compatible chat-completions server for an adapter (speech in dialogue)"),
 }
 
 
@@ -179,93 +180,109 @@ def lightning_main(args: list[str]) -> None:
     )
 
 
-def chat_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="paraencoder chat", description="Reply of the frozen LLM to speech through an adapter.")
-    parser.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3)")
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + adapter_config.json)")
-    parser.add_argument("--prompt", default="<speech>", help="user prompt; <speech> marks where the audio goes")
-    parser.add_argument("--llm", default=None, help="LLM spec (default: the one recorded in the adapter)")
-    parser.add_argument("--encoder", default=None, help="encoder spec (default: the one recorded in the adapter)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
+def chat(
+    audio: list[str],
+    *,
+    adapter: str,
+    prompt: str = "<speech>",
+    llm: str | None = None,
+    encoder: str | None = None,
+    max_new_tokens: int = 64,
+    sample: bool = False,
+    temperature: float = 0.7,
+) -> int:
+    """Reply of the frozen LLM to speech through an adapter.
+
+    Args:
+        audio: audio files (wav, flac, ogg, mp3).
+        adapter: adapter directory (adapter.safetensors + adapter_config.json).
+        prompt: user prompt; <speech> marks where the audio goes.
+        llm: LLM spec (default: the one recorded in the adapter).
+        encoder: encoder spec (default: the one recorded in the adapter).
+        max_new_tokens: longest reply, in tokens.
+        sample: sample instead of greedy decoding.
+        temperature: sampling temperature (with --sample).
+    """
     from paraencoder.inputs import check_adapter_dir, check_audio_files
 
     # Seconds, not the ~40 s of loading the backbones, to learn that a path is wrong.
-    check_audio_files(args.audio)
-    check_adapter_dir(args.adapter)
+    check_audio_files(audio)
+    check_adapter_dir(adapter)
     from paraencoder.model.adapter import SpeechAdapter
 
-    adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)
-    replies = adapter.generate(
-        args.audio, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature
-    )
-    for path, reply in zip(args.audio, replies):
+    model = SpeechAdapter.from_pretrained(adapter, llm=llm, encoder=encoder)
+    replies = model.generate(audio, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature)
+    for path, reply in zip(audio, replies):
         print(f"{path}\n  {reply}")
     return 0
 
 
-def teacher_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="paraencoder teacher", description="Generate (or complete) the teacher-reply cache for a manifest.")
-    parser.add_argument("manifest")
-    parser.add_argument("--llm", default="smollm2-135m-instruct")
-    parser.add_argument("--llm-dtype", default="float32")
-    parser.add_argument("--tasks", default="respond,emotion")
-    parser.add_argument("--cache", default=None, help="cache directory (default $PARAENCODER_CACHE/teacher)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="this process's shard (for parallel generation)")
-    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
+def teacher(
+    manifest: str,
+    *,
+    llm: str = "smollm2-135m-instruct",
+    llm_dtype: str = "float32",
+    tasks: str = "respond,emotion",
+    cache: str | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> int:
+    """Generate (or complete) the teacher-reply cache for a manifest.
+
+    Args:
+        manifest: the manifest (JSONL/CSV) whose teacher prompts are answered.
+        llm: the frozen LLM (a packaged name, a transformers directory or a .gguf file).
+        llm_dtype: float32, bfloat16 or auto.
+        tasks: comma-separated tasks (paraencoder.prompts.TASKS).
+        cache: cache directory (default $PARAENCODER_CACHE/teacher).
+        max_new_tokens: longest teacher reply, in tokens.
+        batch_size: prompts per batched generation.
+        rank: this process's shard for parallel generation (default $RANK, else 0).
+        world_size: number of shards (default $WORLD_SIZE, else 1).
+    """
     from paraencoder.inputs import check_manifest
 
-    check_manifest(args.manifest)
-    from paraencoder.model.resolve import resolve_llm
+    check_manifest(manifest)
     from paraencoder.data.dataset import build_examples
     from paraencoder.data.manifest import load_manifest
     from paraencoder.data.teacher import Decoding, TeacherCache, TeacherRequest, generate_teacher_replies
+    from paraencoder.model.resolve import resolve_llm
     from paraencoder.prompts import get_tasks
     from paraencoder.train.module import default_cache_dir
 
-    llm = resolve_llm(args.llm, dtype=args.llm_dtype)
-    examples = build_examples(load_manifest(args.manifest), get_tasks(args.tasks), source=args.manifest)
-    cache = TeacherCache(args.cache or default_cache_dir() / "teacher")
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    frozen = resolve_llm(llm, dtype=llm_dtype)
+    examples = build_examples(load_manifest(manifest), get_tasks(tasks), source=manifest)
+    store = TeacherCache(cache or default_cache_dir() / "teacher")
     requests = [TeacherRequest(ex.teacher_prompt, ex.system) for ex in examples if ex.reply is None]
-    before = len(cache)
-    generate_teacher_replies(
-        llm, requests, cache, decoding=Decoding(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size, rank=args.rank, world_size=args.world_size
-    )
-    print(f"{len(requests)} teacher requests; cache {cache.directory}: {before} -> {len(cache)} replies")
+    before = len(store)
+    generate_teacher_replies(frozen, requests, store, decoding=Decoding(max_new_tokens=max_new_tokens), batch_size=batch_size, rank=rank, world_size=world_size)
+    print(f"{len(requests)} teacher requests; cache {store.directory}: {before} -> {len(store)} replies")
     return 0
 
 
-def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="paraencoder export", description="Adapter and LLM LoRA from a (trusted) Lightning checkpoint.")
-    parser.add_argument("checkpoint", help="a .ckpt written by paraencoder fit (read with weights_only=True: no code runs)")
-    parser.add_argument(
-        "--trust-checkpoint", action="store_true",
-        help="allow full unpickling for a checkpoint that holds more than tensors and plain values (can run code: only your own runs)",
-    )
-    parser.add_argument("--out", required=True, help="adapter directory to write")
-    parser.add_argument(
-        "--module", default=None,
-        help="module class that wrote it (module:Class; default: the class the checkpoint records, else paraencoder.train.module:AlignmentModule)",
-    )
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
+def export(checkpoint: str, *, out: str, trust_checkpoint: bool = False, module: str | None = None) -> int:
+    """Adapter and LLM LoRA from a (trusted) Lightning checkpoint.
+
+    Args:
+        checkpoint: a .ckpt written by paraencoder fit (read with weights_only=True: no code runs).
+        out: adapter directory to write.
+        trust_checkpoint: allow full unpickling for a checkpoint that holds more than tensors and plain values (can run code: only your own runs).
+        module: module class that wrote it (module:Class; default: the class the checkpoint records, else paraencoder.train.module:AlignmentModule).
+    """
     from paraencoder.inputs import check_file
 
-    check_file(args.checkpoint, "checkpoint", "give a .ckpt written by paraencoder fit (<log dir>/checkpoints/last.ckpt)")
+    check_file(checkpoint, "checkpoint", "give a .ckpt written by paraencoder fit (<log dir>/checkpoints/last.ckpt)")
     from paraencoder.train.checkpoints import export_checkpoint
 
     cls = None
-    if args.module:
-        module_name, cls_name = args.module.split(":")
+    if module:
+        module_name, cls_name = module.split(":")
         cls = getattr(importlib.import_module(module_name), cls_name)
-    print(f"adapter written to {export_checkpoint(args.checkpoint, args.out, module_class=cls, trust_checkpoint=args.trust_checkpoint)}")
+    print(f"adapter written to {export_checkpoint(checkpoint, out, module_class=cls, trust_checkpoint=trust_checkpoint)}")
     return 0
 
 
@@ -309,15 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in TASK_COMMANDS:
         print(f"paraencoder: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    target, _ = TASK_COMMANDS[command]
-    module_name, func_name = target.split(":")
+    path, help_text = TASK_COMMANDS[command]
+    module_name, func_name = path.split(":")
     try:
         if not wants_help:
             # Applied here, wherever --threads stands (also after a `data` subcommand); the
             # commands' own --threads options do the same when their main() is called directly.
             threads, rest = _pop_threads(rest)
             set_threads(threads, verbose=True)
-        return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
+        from paraencoder.apps.cli.signature import run
+
+        target = getattr(importlib.import_module(module_name), func_name)
+        return run(target, rest, prog=f"paraencoder {command}", description=None if callable(target) else help_text)
     except ParaencoderError as exc:
         print(f"paraencoder {command}: error: {exc}", file=sys.stderr)
         return 1

@@ -15,14 +15,14 @@ child-like and adult voices (written under ``OUT/safety_audio``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 from pathlib import Path
 
 from paraencoder.errors import ConfigError
+from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
 
-__all__ = ["main", "default_utterances", "shared_data_dir"]
+__all__ = ["evaluate", "main", "default_utterances", "shared_data_dir"]
 
 
 def shared_data_dir() -> Path:
@@ -56,70 +56,86 @@ def default_utterances(suite: str, out: Path, *, seed: int = 0) -> list:
 SUITES = ("emotion", "age", "gender", "empathy", "content", "safety", "qa")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
-    from paraencoder.threads import add_threads_argument
+def evaluate(
+    *,
+    adapter: str,
+    suite: str,
+    data: str | None = None,
+    out: Path = Path("outputs/eval"),
+    llm: str | None = None,
+    encoder: str | None = None,
+    judge: str = "none",
+    judge_model: str | None = None,
+    judge_timeout: float = 60.0,
+    judge_retries: int = 3,
+    label_set: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = EVAL_BATCH_SIZE,
+    max_new_tokens: int = 32,
+    no_baselines: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Evaluation suites with transcript-only and stated-cue baselines.
 
-    parser = argparse.ArgumentParser(prog="paraencoder eval", description="Evaluation suites with transcript-only and stated-cue baselines.")
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + adapter_config.json)")
-    parser.add_argument("--suite", required=True, help=f"comma-separated suites: {','.join(SUITES)} (or 'all')")
-    parser.add_argument("--data", default=None, help="manifest (JSONL/CSV); default: held-out shared speakers (see --help text above)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/eval"), help="output directory for <suite>.json/.md/.png")
-    parser.add_argument("--llm", default=None, help="LLM spec (default: the one recorded in the adapter)")
-    parser.add_argument("--encoder", default=None, help="encoder spec (default: the one recorded in the adapter)")
-    parser.add_argument("--judge", default="none", help="'none', 'local' (in-process LLM) or the URL of an OpenAI-compatible server")
-    parser.add_argument("--judge-model", default=None, help="judge model: an LLM spec for 'local' (default qwen2.5-coder-1.5b-instruct, installed by `make judge`), the served model name for a URL")
-    parser.add_argument("--judge-timeout", type=float, default=60.0)
-    parser.add_argument("--judge-retries", type=int, default=3)
-    parser.add_argument("--label-set", default=None, help="classification label set, e.g. emotion4 for cross-corpus 4-class")
-    parser.add_argument("--limit", type=int, default=None, help="at most N utterances per suite (a seeded random sample)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help="clips per batched generation")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--no-baselines", action="store_true", help="skip the transcript-only and stated-cue views")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-
-    suites = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
+    Args:
+        adapter: adapter directory (adapter.safetensors + adapter_config.json).
+        suite: comma-separated suites: emotion,age,gender,empathy,content,safety,qa (or 'all').
+        data: manifest (JSONL/CSV); default: the held-out shared speakers (RAVDESS actors 17-20; speechocean762's held-out 20%).
+        out: output directory for <suite>.json/.md/.png.
+        llm: LLM spec (default: the one recorded in the adapter).
+        encoder: encoder spec (default: the one recorded in the adapter).
+        judge: 'none', 'local' (in-process LLM) or the URL of an OpenAI-compatible server.
+        judge_model: judge model: an LLM spec for 'local' (default qwen2.5-coder-1.5b-instruct, installed by `make judge`), the served model name for a URL.
+        judge_timeout: seconds per judge request (a URL judge).
+        judge_retries: retries per judge request (a URL judge).
+        label_set: classification label set, e.g. emotion4 for cross-corpus 4-class.
+        limit: at most N utterances per suite (a seeded random sample).
+        seed: seed of --limit's sample and of the default speechocean762 split.
+        batch_size: clips per batched generation.
+        max_new_tokens: longest reply, in tokens.
+        no_baselines: skip the transcript-only and stated-cue views.
+        quiet: no progress bars.
+    """
+    suites = list(SUITES) if suite == "all" else [s.strip() for s in suite.split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        raise ConfigError(f"--suite {args.suite!r}: unknown {unknown}; available: {', '.join(SUITES)}")
+        raise ConfigError(f"--suite {suite!r}: unknown {unknown}; available: {', '.join(SUITES)}")
     from paraencoder.inputs import check_adapter_dir, check_manifest, check_manifest_audio
 
     # Inputs are checked before the backbones load (tens of seconds).
-    check_adapter_dir(args.adapter)
+    check_adapter_dir(adapter)
     from paraencoder.data.manifest import load_manifest
 
-    manifest = load_manifest(check_manifest(args.data)) if args.data else None
+    manifest = load_manifest(check_manifest(data)) if data else None
     if manifest is not None:
         check_manifest_audio(manifest)
     # The default held-out sets are found (or the missing data named) before the models load too.
-    defaults = {} if manifest is not None else {s: default_utterances(s, args.out, seed=args.seed) for s in suites if s != "safety"}
+    defaults = {} if manifest is not None else {s: default_utterances(s, out, seed=seed) for s in suites if s != "safety"}
 
     from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.judge import make_judge
     from paraencoder.eval.report import fmt
     from paraencoder.eval.suites import run_suite
 
-    adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)
-    judge_kwargs = {"timeout": args.judge_timeout, "retries": args.judge_retries} if str(args.judge).startswith("http") else {}
-    judge = make_judge(args.judge, args.judge_model, **judge_kwargs)
+    adapter = SpeechAdapter.from_pretrained(adapter, llm=llm, encoder=encoder)
+    judge_kwargs = {"timeout": judge_timeout, "retries": judge_retries} if str(judge).startswith("http") else {}
+    judge = make_judge(judge, judge_model, **judge_kwargs)
     for suite in suites:
-        utts = list(manifest) if manifest is not None else defaults.get(suite) or default_utterances(suite, args.out, seed=args.seed)
-        if args.limit and len(utts) > args.limit:
-            utts = sorted(random.Random(args.seed).sample(utts, args.limit), key=lambda u: u.id)
+        utts = list(manifest) if manifest is not None else defaults.get(suite) or default_utterances(suite, out, seed=seed)
+        if limit and len(utts) > limit:
+            utts = sorted(random.Random(seed).sample(utts, limit), key=lambda u: u.id)
         result = run_suite(
             suite,
             adapter=adapter,
             utterances=utts,
-            out_dir=args.out,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            baselines=not args.no_baselines,
-            progress=not args.quiet,
+            out_dir=out,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            baselines=not no_baselines,
+            progress=not quiet,
             judge=judge,
-            label_set=args.label_set,
+            label_set=label_set,
         )
         metrics = result["metrics"]
         parts = []
@@ -130,3 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[eval] {suite} ({metrics.get('n')} items, {result['seconds']}s): " + " | ".join(parts))
         print(f"[eval] wrote {', '.join(result['files'].values())}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``paraencoder eval ARGS`` from Python."""
+    from paraencoder.apps.cli.signature import run
+
+    return run(evaluate, argv, prog="paraencoder eval")

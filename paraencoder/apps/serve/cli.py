@@ -1,51 +1,72 @@
-"""``paraencoder serve``: argument parsing only (torch and the server stack load after ``--help``)."""
+"""``paraencoder serve``: the command (torch and the server stack load after ``--help``)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="paraencoder serve", description="OpenAI-compatible chat-completions server for a speech adapter.")
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter.safetensors + adapter_config.json)")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-name", default=None, help="model id clients send (default: the adapter directory's name)")
-    parser.add_argument("--llm", default=None, help="LLM spec (default: the one recorded in the adapter)")
-    parser.add_argument("--encoder", default=None, help="encoder spec (default: the one recorded in the adapter)")
-    parser.add_argument("--max-batch", type=int, default=8, help="requests per generate call (1 = no batching)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for companions")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    parser.add_argument("--max-audio-seconds", type=float, default=300.0, help="audio per request (clips over 30 s are windowed)")
-    parser.add_argument("--max-body-mb", type=float, default=25.0)
-    parser.add_argument("--max-tokens-limit", type=int, default=1024)
-    parser.add_argument("--no-warm-up", action="store_true")
-    parser.add_argument("--log-level", default="info")
-    from paraencoder.threads import add_threads_argument
+def serve(
+    *,
+    adapter: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    llm: str | None = None,
+    encoder: str | None = None,
+    max_batch: int = 8,
+    max_wait_ms: float = 5.0,
+    max_queue: int = 64,
+    max_audio_seconds: float = 300.0,
+    max_body_mb: float = 25.0,
+    max_tokens_limit: int = 1024,
+    no_warm_up: bool = False,
+    log_level: str = "info",
+) -> int:
+    """OpenAI-compatible chat-completions server for a speech adapter.
 
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
+    Args:
+        adapter: adapter directory (adapter.safetensors + adapter_config.json).
+        host: bind address (default loopback only).
+        port: TCP port.
+        model_name: model id clients send (default: the adapter directory's name).
+        llm: LLM spec (default: the one recorded in the adapter).
+        encoder: encoder spec (default: the one recorded in the adapter).
+        max_batch: requests per generate call (1 = no batching).
+        max_wait_ms: how long a batch waits for companions.
+        max_queue: waiting requests before 429.
+        max_audio_seconds: audio per request (clips over 30 s are windowed).
+        max_body_mb: largest request body.
+        max_tokens_limit: largest max_tokens a request may ask for.
+        no_warm_up: skip the warm-up request at start.
+        log_level: logging level (debug, info, warning).
+    """
     from paraencoder.inputs import check_adapter_dir
 
-    check_adapter_dir(args.adapter)  # before the models load
+    check_adapter_dir(adapter)  # before the models load
     import uvicorn
 
-    from paraencoder.model.adapter import SpeechAdapter
     from paraencoder.apps.serve.app import ServeConfig, create_app
+    from paraencoder.model.adapter import SpeechAdapter
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    adapter = SpeechAdapter.from_pretrained(args.adapter, llm=args.llm, encoder=args.encoder)  # with its LLM LoRA, if it has one
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = SpeechAdapter.from_pretrained(adapter, llm=llm, encoder=encoder)  # with its LLM LoRA, if it has one
     config = ServeConfig(
-        model_name=args.model_name or Path(args.adapter).resolve().name,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        max_audio_seconds=args.max_audio_seconds,
-        max_tokens_limit=args.max_tokens_limit,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        warm_up=not args.no_warm_up,
+        model_name=model_name or Path(adapter).resolve().name,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_audio_seconds=max_audio_seconds,
+        max_tokens_limit=max_tokens_limit,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        warm_up=not no_warm_up,
     )
-    uvicorn.run(create_app(adapter, config), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(create_app(model, config), host=host, port=port, log_level=log_level, access_log=False)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``paraencoder serve ARGS`` from Python."""
+    from paraencoder.apps.cli.signature import run
+
+    return run(serve, argv, prog="paraencoder serve")
