@@ -226,8 +226,7 @@ def teacher(
     cache: str | None = None,
     max_new_tokens: int = 48,
     batch_size: int = 16,
-    rank: int | None = None,
-    world_size: int | None = None,
+    rank: int | None = None, world_size: int | None = None,  # sharding for parallel generation
 ) -> int:
     """Generate (or complete) the teacher-reply cache for a manifest.
 

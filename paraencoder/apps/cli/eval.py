@@ -22,7 +22,7 @@ from pathlib import Path
 from paraencoder.errors import ConfigError
 from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
 
-__all__ = ["evaluate", "main", "default_utterances", "shared_data_dir"]
+__all__ = ["evaluate", "default_utterances", "shared_data_dir"]
 
 
 def shared_data_dir() -> Path:
@@ -66,8 +66,7 @@ def evaluate(
     encoder: str | None = None,
     judge: str = "none",
     judge_model: str | None = None,
-    judge_timeout: float = 60.0,
-    judge_retries: int = 3,
+    judge_timeout: float = 60.0, judge_retries: int = 3,  # a URL judge
     label_set: str | None = None,
     limit: int | None = None,
     seed: int = 0,
@@ -126,16 +125,8 @@ def evaluate(
         if limit and len(utts) > limit:
             utts = sorted(random.Random(seed).sample(utts, limit), key=lambda u: u.id)
         result = run_suite(
-            suite,
-            adapter=adapter,
-            utterances=utts,
-            out_dir=out,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            baselines=not no_baselines,
-            progress=not quiet,
-            judge=judge,
-            label_set=label_set,
+            suite, adapter=adapter, utterances=utts, out_dir=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            baselines=not no_baselines, progress=not quiet, judge=judge, label_set=label_set,
         )
         metrics = result["metrics"]
         parts = []
@@ -146,10 +137,3 @@ def evaluate(
         print(f"[eval] {suite} ({metrics.get('n')} items, {result['seconds']}s): " + " | ".join(parts))
         print(f"[eval] wrote {', '.join(result['files'].values())}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``paraencoder eval ARGS`` from Python."""
-    from paraencoder.apps.cli.signature import run
-
-    return run(evaluate, argv, prog="paraencoder eval")

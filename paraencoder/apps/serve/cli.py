@@ -63,10 +63,3 @@ def serve(
     )
     uvicorn.run(create_app(model, config), host=host, port=port, log_level=log_level, access_log=False)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``paraencoder serve ARGS`` from Python."""
-    from paraencoder.apps.cli.signature import run
-
-    return run(serve, argv, prog="paraencoder serve")
