@@ -5,6 +5,9 @@ from ``SpeechAdapter.from_pretrained(checkpoints/<released>)`` exactly as it was
 out from training (RAVDESS actors 17-20, speechocean762 test speakers); the questions are the
 trained phrasing and an evaluation-only phrasing. Regenerate the pinned file only for a deliberate
 change of behaviour (``python tests/test_released_replies.py --write``) and say why in the commit.
+On the machine (torch build + CPU instruction set) that wrote the pins the replies must be
+byte-identical; elsewhere fp32 rounds differently, so each reply must name the same label and at
+most one may differ in its words.
 """
 
 from __future__ import annotations
@@ -54,18 +57,35 @@ def released_replies() -> list[dict]:
     return [{"clip": c, "prompt": p, "reply": r} for (_, p, c), r in zip(items, replies)]
 
 
+def machine() -> dict:
+    """What fp32 rounding depends on: the torch build and the CPU instruction set its kernels use."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def test_released_adapter_replies_are_pinned():
     if not (SHARED_DATA / "ravdess" / "metadata.jsonl").is_file() or not (SHARED_DATA / "speechocean762" / "metadata.jsonl").is_file():
         pytest.skip(f"shared corpora not available under {SHARED_DATA}")
+    from paraencoder.labels import extract_age_group, extract_emotion
+
     pinned = json.loads(PINNED.read_text())
     got = released_replies()
-    assert [(g["clip"], g["prompt"]) for g in got] == [(p["clip"], p["prompt"]) for p in pinned]
-    for g, p in zip(got, pinned):
-        assert g["reply"] == p["reply"], f"clip {g['clip']}: reply changed\n  pinned: {p['reply']!r}\n  now:    {g['reply']!r}"
+    assert [(g["clip"], g["prompt"]) for g in got] == [(p["clip"], p["prompt"]) for p in pinned["replies"]]
+    if pinned["machine"] == machine():
+        for g, p in zip(got, pinned["replies"]):
+            assert g["reply"] == p["reply"], f"clip {g['clip']}: reply changed\n  pinned: {p['reply']!r}\n  now:    {g['reply']!r}"
+        return
+    # Another torch build or instruction set rounds fp32 differently, which can flip a greedy choice at a
+    # near-tie: every reply must still name the same emotion / age group, and at most one may differ at all.
+    extract = [extract_emotion] * 4 + [extract_age_group] * 4
+    for g, p, parse in zip(got, pinned["replies"], extract):
+        assert parse(g["reply"]) == parse(p["reply"]), f"clip {g['clip']}: {g['reply']!r} names another label than the pinned {p['reply']!r}"
+    assert sum(g["reply"] != p["reply"] for g, p in zip(got, pinned["replies"])) <= 1, [g["reply"] for g in got]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     from paraencoder.io import atomic_write_json
 
-    atomic_write_json(PINNED, released_replies())
+    atomic_write_json(PINNED, {"machine": machine(), "replies": released_replies()})
     print(PINNED.read_text())
