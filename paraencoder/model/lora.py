@@ -67,8 +67,8 @@ def make_lora_config(rank: int, alpha: float, target_modules: Sequence[str], lay
     )
 
 
-def inject_lora(llm: FrozenLLM, config, adapter_name: str = ADAPTER_NAME) -> list:
-    """Put LoRA layers named ``adapter_name`` into ``llm``'s model in place; returns the wrapped layers.
+def inject_lora(llm: FrozenLLM, config, adapter_name: str = ADAPTER_NAME) -> list[tuple[str, torch.nn.Module]]:
+    """Put LoRA layers named ``adapter_name`` into ``llm``'s model in place; returns the wrapped layers with their module paths.
 
     Call it on a :func:`private_copy`. Raises :class:`ConfigError` when the targets match nothing.
     """
@@ -82,7 +82,7 @@ def inject_lora(llm: FrozenLLM, config, adapter_name: str = ADAPTER_NAME) -> lis
             f"cannot put LoRA on {shorten(sorted(config.target_modules or []))} (layers {config.layers_to_transform}) "
             f"of LLM {shorten(llm.identity.get('name'))}: {exc}"
         ) from None
-    layers = [m for m in llm.model.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+    layers = [(path, m) for path, m in llm.model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
     if not layers:
         raise ConfigError(f"LoRA targets {shorten(sorted(config.target_modules or []))} matched no module in layers {config.layers_to_transform}")
     return layers
@@ -261,8 +261,6 @@ class LLMLoRA(nn.Module):
     def __init__(self, llm: FrozenLLM, layers: str | Sequence[int] | None = "all", rank: int = 8, alpha: float = 16.0,
                  targets: Sequence[str] = ("q_proj", "v_proj"), *, enabled: bool = False):
         super().__init__()
-        from peft.tuners.lora import LoraLayer
-
         from paraencoder.model.encoders.base import parse_layer_spec
 
         if rank < 1:
@@ -276,11 +274,8 @@ class LLMLoRA(nn.Module):
         private = private_copy(llm)
         self.config = {"layers": chosen, "rank": int(rank), "alpha": float(alpha), "targets": list(targets), "llm": dict(llm.identity)}
         self.peft_config = make_lora_config(rank, alpha, targets, chosen)
-        inject_lora(private, self.peft_config, ADAPTER_NAME)
+        self._layers = inject_lora(private, self.peft_config, ADAPTER_NAME)
         self._llm = [private]  # a list: keep the LLM out of this module's submodules (and state_dict)
-        self._layers: list[tuple[str, LoraLayer]] = [
-            (path, m) for path, m in private.model.named_modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A
-        ]
         self.weights = nn.ModuleDict(
             {path.replace(".", "__"): nn.ModuleDict({"A": m.lora_A[ADAPTER_NAME], "B": m.lora_B[ADAPTER_NAME]}) for path, m in self._layers}
         )
@@ -313,12 +308,9 @@ class LLMLoRA(nn.Module):
             self.set_enabled(self.enabled_by_default)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"<llm module path>.lora_A.weight": ..., ".lora_B.weight": ...}`` on CPU."""
-        state = {}
-        for path, layer in self._layers:
-            state[f"{path}.lora_A.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach().cpu().contiguous()
-            state[f"{path}.lora_B.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().cpu().contiguous()
-        return state
+        """``{"<llm module path>.lora_A.weight": ..., ".lora_B.weight": ...}`` on CPU: :func:`lora_state_dict`'s
+        tensors without peft's ``base_model.model.`` prefix."""
+        return {k[len(_PREFIX):]: v for k, v in lora_state_dict(self.llm.model, ADAPTER_NAME).items()}
 
     def save(self, directory: str | os.PathLike) -> dict:
         """Write the LoRA in peft's layout into ``directory/lora`` (:func:`save_lora`); returns the ``lora``
