@@ -171,7 +171,7 @@ def test_extract_with_adapter_gives_projector_and_llm_layers(tmp_path, tiny_whis
 
 def test_probe_cli_writes_json_markdown_and_png(tmp_path, tiny_whisper_dir, toy_corpus):
     out = tmp_path / "out"
-    from paraencoder.apps.cli.probe import main
+    from paraencoder.apps.cli.probe import main, probe
 
     rc = main(["--encoder", str(tiny_whisper_dir), "--data", str(toy_corpus / "manifest.jsonl"), "--out", str(out), "--name", "toy", "--cache-dir", str(tmp_path / "c")])
     assert rc == 0
@@ -182,7 +182,7 @@ def test_probe_cli_writes_json_markdown_and_png(tmp_path, tiny_whisper_dir, toy_
     assert (out / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| encoder.1 |" in (out / "toy.md").read_text()
     with pytest.raises(ConfigError, match="neither a manifest"):
-        P.run_probe(encoder=str(tiny_whisper_dir), data=[str(tmp_path / "nope")], out=out)
+        probe(encoder=str(tiny_whisper_dir), data=[str(tmp_path / "nope")], out=str(out))
 
 
 @pytest.mark.integration

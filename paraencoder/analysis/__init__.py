@@ -2,7 +2,7 @@
 
 import importlib
 
-_PROBE_EXPORTS = ("auto_train_layers", "corpus_labels", "default_split", "extract_layer_features", "fit_probes", "load_probe_report", "run_probe")
+_PROBE_EXPORTS = ("auto_train_layers", "corpus_labels", "default_split", "extract_layer_features", "fit_probes", "load_probe_report")
 
 
 def __getattr__(name: str):
@@ -19,5 +19,4 @@ __all__ = [
     "extract_layer_features",
     "fit_probes",
     "load_probe_report",
-    "run_probe",
 ]

@@ -13,8 +13,9 @@ fingerprint of the weights and the exact clips: a rerun with other probe setting
 (PE-FT): the encoder layers whose outputs hold the most paralinguistic information, plus the band
 where semantic (content) information peaks.
 
-Why one module of ~590 lines: feature extraction (with its cache), the probes, the report and
-the layer choice for PE-FT are one analysis; the command line is :mod:`paraencoder.apps.cli.probe`.
+Why one module of ~530 lines: feature extraction (with its cache), the probes, the report and
+the layer choice for PE-FT are one analysis; the command that runs them on corpora is
+:func:`paraencoder.apps.cli.probe.probe`.
 """
 
 from __future__ import annotations
@@ -514,7 +515,8 @@ def shared_data_dir() -> Path:
     return Path.cwd().parent / "shared" / "data"
 
 
-def _resolve_data(item: str) -> tuple[str, Path]:
+def resolve_data(item: str) -> tuple[str, Path]:
+    """``(corpus name, manifest path)`` of a ``--data`` item: a manifest, a corpus folder or a shared corpus name."""
     path = Path(item).expanduser()
     if path.is_file():
         return path.parent.name if path.name == "metadata.jsonl" else path.stem, path
@@ -527,83 +529,3 @@ def _resolve_data(item: str) -> tuple[str, Path]:
         f"--data {item!r} is neither a manifest file, a corpus folder with metadata.jsonl, nor a corpus in {shared_data_dir()} "
         f"(known: {', '.join(_CORPORA)}); set PARAENCODER_SHARED_DATA or pass a manifest path"
     )
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "model"
-
-
-def run_probe(
-    *,
-    encoder: str | None = None,
-    adapter: str | None = None,
-    llm: str | None = None,
-    data: Sequence[str] = ("ravdess,speechocean762",),
-    out: str | os.PathLike = "probe_results",
-    name: str | None = None,
-    batch_size: int = 8,
-    cache_dir: str | None = None,
-    use_cache: bool = True,
-    limit: int | None = None,
-    content_word: str | None = None,
-    margin: float = 0.05,
-    seed: int = 0,
-) -> dict:
-    """Probe every layer of ``encoder`` (a spec) or of a trained ``adapter`` directory (encoder, projector and
-    LLM layers) on the corpora in ``data``, and write ``<out>/<name>.{json,md,png}``; returns the written paths.
-
-    ``data`` items are corpus names in the shared data folder, corpus folders or manifests (comma
-    separated or several items); ``limit`` keeps at most that many clips per corpus (seeded);
-    ``margin`` is :func:`auto_train_layers`' tolerance. ``paraencoder probe`` is this function.
-    """
-    from paraencoder.model.resolve import resolve_encoder
-    from paraencoder.data.manifest import load_manifest
-
-    if (encoder is None) == (adapter is None):
-        raise ConfigError("give exactly one of encoder= (a spec) or adapter= (a trained adapter directory)")
-    items = [d for chunk in data for d in chunk.split(",") if d]
-    if adapter:
-        from paraencoder.model.adapter import SpeechAdapter
-
-        model = SpeechAdapter.from_pretrained(adapter, llm=llm)
-        description = f"adapter {adapter} (encoder {model.encoder_spec}, LLM {model.llm.identity.get('name')})"
-        model_info = {"adapter": str(adapter), "encoder": model.encoder_spec, "llm": model.llm.identity.get("name")}
-        stem = name or f"probe_{_slug(Path(adapter).name)}"
-    else:
-        model = resolve_encoder(encoder)
-        description = f"encoder {encoder}"
-        model_info = {"encoder": encoder, "weights_sha256": getattr(model, "identity", {}).get("weights_sha256")}
-        stem = name or f"probe_{_slug(encoder)}"
-    speech_encoder = model.encoder if adapter else model
-    model_info.update(description=description, num_layers=speech_encoder.num_layers, hidden_size=speech_encoder.hidden_size)
-    report: dict = {"model": model_info, "corpora": {}, "settings": {"probe": "StandardScaler + LogisticRegression(C=1.0, lbfgs)", "pooling": "masked mean over valid frames", "seed": seed}}
-    for item in items:
-        corpus, manifest = _resolve_data(item)
-        utts = load_manifest(manifest)
-        if limit and len(utts) > limit:
-            rng = np.random.default_rng(seed)
-            keep = set(rng.choice(len(utts), size=limit, replace=False).tolist())
-            utts = [u for i, u in enumerate(utts) if i in keep]
-        labels, about = corpus_labels(utts, content_word=content_word)
-        split = default_split(utts, corpus=corpus, seed=seed)
-        t0 = time.time()
-        print(f"{corpus}: {len(utts)} clips from {manifest}; labels {list(labels)}", file=sys.stderr, flush=True)
-        feats = extract_layer_features(model, utts, batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache, progress=True)
-        t1 = time.time()
-        section = fit_probes(feats, labels, [u.speaker for u in utts], split=split, seed=seed)
-        section.update(n_utterances=len(utts), manifest=str(manifest), about=about, seconds={"features": round(t1 - t0, 1), "probes": round(time.time() - t1, 1)})
-        report["corpora"][corpus] = section
-        print(f"{corpus}: features {t1 - t0:.0f} s, probes {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
-    report["peaks"] = peaks(report)
-    try:
-        report["auto_train_layers"] = auto_train_layers(report, margin=margin)
-        report["auto_margin"] = margin
-    except ConfigError as exc:
-        report["auto_train_layers"] = None
-        print(f"auto_train_layers: {exc}", file=sys.stderr)
-    paths = write_report(report, out, stem)
-    for label, peak in report["peaks"].items():
-        print(f"{label:32s} best {peak['best_layer']:>11s} acc {peak['best_accuracy']:.3f} (chance {peak['chance']:.3f})")
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return paths
-
