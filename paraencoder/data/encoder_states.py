@@ -93,6 +93,7 @@ def encode_all(encoder, utts: Sequence, cache: EncoderStateCache, *, batch_secon
     import time
 
     from paraencoder.audio import load_audio, pad_waves
+    from paraencoder.model.adapter import eval_mode
 
     todo = []
     for u in utts:
@@ -106,26 +107,24 @@ def encode_all(encoder, utts: Sequence, cache: EncoderStateCache, *, batch_secon
         from paraencoder.progress import progress_bar  # a bar with ETA on a terminal, plain lines in a log
 
         bar = progress_bar(len(todo), "encoder states", "clip", mininterval=5.0)
-    was_training = encoder.training
-    encoder.eval()
     i = 0
     try:
-        while i < len(todo):
-            batch, seconds = [], 0.0
-            while i < len(todo) and (not batch or seconds + (todo[i][0].duration or 5.0) <= batch_seconds):
-                batch.append(todo[i])
-                seconds += todo[i][0].duration or 5.0
-                i += 1
-            waves = [load_audio(u.audio, offset=u.offset or 0.0, duration=u.duration) for u, _ in batch]
-            w, lengths = pad_waves(waves)
-            out = encoder(w, lengths)
-            for j, (_, k) in enumerate(batch):
-                n = int(out.lengths[j])
-                cache.put(k, torch.stack([h[j, :n] for h in out.hidden_states]))
-            if bar:
-                bar.update(len(batch))
+        with eval_mode(encoder):
+            while i < len(todo):
+                batch, seconds = [], 0.0
+                while i < len(todo) and (not batch or seconds + (todo[i][0].duration or 5.0) <= batch_seconds):
+                    batch.append(todo[i])
+                    seconds += todo[i][0].duration or 5.0
+                    i += 1
+                waves = [load_audio(u.audio, offset=u.offset or 0.0, duration=u.duration) for u, _ in batch]
+                w, lengths = pad_waves(waves)
+                out = encoder(w, lengths)
+                for j, (_, k) in enumerate(batch):
+                    n = int(out.lengths[j])
+                    cache.put(k, torch.stack([h[j, :n] for h in out.hidden_states]))
+                if bar:
+                    bar.update(len(batch))
     finally:
-        encoder.train(was_training)
         if bar:
             bar.close()
     return {"clips": len(utts), "encoded": len(todo), "cached_before": len(utts) - len(todo), "seconds": round(time.perf_counter() - start, 1)}
