@@ -171,3 +171,25 @@ def test_shared_speechocean762():
     assert len(utts) == 1000 and {u.corpus for u in utts} == {"speechocean762"}
     assert set(Counter(u.age_group for u in utts)) == {"child", "adult"}
     assert all((u.age < 18) == (u.age_group == "child") for u in utts)
+
+
+def test_shared_data_dir_is_one_resolution_for_eval_demo_and_probe(tmp_path, monkeypatch):
+    """The env variable wins; else ../shared/data from the working directory, then from the checkout."""
+    from paraencoder.analysis import probe
+    from paraencoder.data import corpora
+    from paraencoder.data.corpora import shared_data_dir
+
+    monkeypatch.setenv("PARAENCODER_SHARED_DATA", str(tmp_path / "mine"))
+    assert shared_data_dir() == tmp_path / "mine"
+    monkeypatch.delenv("PARAENCODER_SHARED_DATA")
+    work = tmp_path / "work" / "project"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    checkout_data = Path(corpora.__file__).resolve().parents[3] / "shared" / "data"
+    # Nothing next to the working directory: the checkout's (or, without one, the working directory's for the error).
+    assert shared_data_dir() == (checkout_data if checkout_data.is_dir() else tmp_path / "work" / "shared" / "data")
+    (tmp_path / "work" / "shared" / "data" / "ravdess").mkdir(parents=True)
+    (tmp_path / "work" / "shared" / "data" / "ravdess" / "metadata.jsonl").write_text("")
+    assert shared_data_dir() == tmp_path / "work" / "shared" / "data"
+    # The probe's corpus names resolve through the same folder.
+    assert probe.resolve_data("ravdess") == ("ravdess", tmp_path / "work" / "shared" / "data" / "ravdess" / "metadata.jsonl")

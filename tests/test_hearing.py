@@ -21,7 +21,7 @@ from paraencoder.labels import extract_yes_no, score_answer
 from paraencoder.objectives.heads import SummaryHead
 from paraencoder.model.projector import UtteranceSummary
 from paraencoder.prompts import LABEL_WORDS, QUESTION_BANK, QUESTION_FORMATS, TRAINED_PHRASING, Question, question_slots
-from paraencoder.train.data import AlignmentData, filter_teacher_answers
+from paraencoder.train.data import AlignmentData, filter_teacher_answers, resample_teacher_answers, teacher_answer_correct
 from paraencoder.train.module import AlignmentModule
 
 
@@ -209,6 +209,59 @@ def test_bank_examples_and_teacher_filter(toy_corpus):
         ex.reply = "I do not know."
     with pytest.raises(ConfigError, match="none of the"):
         filter_teacher_answers(examples)
+
+
+class _SamplingTeacher:
+    """A stand-in LLM: greedy answers every premise wrongly; a sample is right on seed 2, except for 'sad' (never right)."""
+
+    identity = {"name": "fake", "weights_sha256": "0" * 64, "vocab_size": 1, "hidden_size": 1}
+    system_prompt = None
+    tokenizer = None
+
+    def __init__(self):
+        self.calls = []
+
+    def generate_text(self, prompts, *, system=None, histories=None, max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0, generator_seed=None):
+        self.calls.append((len(prompts), do_sample, temperature, generator_seed))
+        out = []
+        for p in prompts:
+            label = next(w for w in LABEL_WORDS["emotion"].values() if f"in a {w} voice" in p)
+            right = do_sample and generator_seed == 2 and label != "sad"
+            out.append(f"The speaker is feeling {label if right else 'sad' if label != 'sad' else 'happy'}, I think.")
+        return out
+
+
+def test_resample_teacher_answers_takes_the_first_right_sample_and_caches_it(toy_corpus, tmp_path):
+    from paraencoder.data.teacher import Decoding, TeacherCache
+
+    utts = load_manifest(toy_corpus / "manifest.jsonl")
+    examples = [ex for ex in bank_examples(utts, ["emotion"], per_item=3, seed=0) if ex.question["form"] != "yesno"]
+    llm, cache, decoding = _SamplingTeacher(), TeacherCache(tmp_path / "teacher"), Decoding(max_new_tokens=8)
+    for ex in examples:
+        ex.reply = llm.generate_text([ex.teacher_prompt])[0]
+    assert not any(teacher_answer_correct(ex) for ex in examples)
+    greedy = {id(ex): ex.reply for ex in examples}
+    counts = resample_teacher_answers(examples, llm, cache, decoding=decoding, samples=3, temperature=0.7, batch_size=64, progress=False)
+    prompts = {ex.teacher_prompt for ex in examples}
+    # Round 1 samples every prompt, round 2 fixes all but 'sad', round 3 retries only 'sad'.
+    sad = {p for p in prompts if "in a sad voice" in p}
+    assert [c[0] for c in llm.calls[len(examples):]] == [len(prompts), len(prompts), len(sad)]
+    assert all(c[1] and c[2] == 0.7 for c in llm.calls[len(examples):])
+    for ex in examples:
+        if ex.labels["emotion"] == "sad":
+            assert ex.reply == greedy[id(ex)] and not teacher_answer_correct(ex)  # still wrong: the filter drops it
+        else:
+            assert teacher_answer_correct(ex) and ex.reply == f"The speaker is feeling {LABEL_WORDS['emotion'][ex.labels['emotion']]}, I think."
+    n_sad = sum(ex.labels["emotion"] == "sad" for ex in examples)
+    assert sum(f for f, _ in counts.values()) == len(examples) - n_sad and sum(w for _, w in counts.values()) == len(examples)
+    # Every sample is cached: a rerun generates nothing and gives the same targets.
+    for ex in examples:
+        ex.reply = greedy[id(ex)]
+    before = len(llm.calls)
+    resample_teacher_answers(examples, llm, cache, decoding=decoding, samples=3, temperature=0.7, batch_size=64, progress=False)
+    assert len(llm.calls) == before and sum(teacher_answer_correct(ex) for ex in examples) == len(examples) - n_sad
+    with pytest.raises(ConfigError, match="teacher_resample_temperature"):
+        resample_teacher_answers(examples, llm, cache, decoding=decoding, samples=2, temperature=0.0)
 
 
 # -- encoder-state cache -------------------------------------------------------------------------------

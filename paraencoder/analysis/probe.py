@@ -34,6 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from paraencoder.data.corpora import shared_data_dir
 from paraencoder.errors import ConfigError
 from paraencoder.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from paraencoder.model.adapter import eval_mode
@@ -501,18 +502,6 @@ def write_report(report: dict, out_dir: str | os.PathLike, stem: str) -> dict[st
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-
-
-def shared_data_dir() -> Path:
-    """``$PARAENCODER_SHARED_DATA`` or ``../shared/data`` next to the repository (or the working directory)."""
-    env = os.environ.get("PARAENCODER_SHARED_DATA")
-    if env:
-        return Path(env).expanduser()
-    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-        candidate = base.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return Path.cwd().parent / "shared" / "data"
 
 
 def resolve_data(item: str) -> tuple[str, Path]:

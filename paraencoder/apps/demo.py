@@ -35,10 +35,6 @@ QUICK_PER_CLASS = {"emotion": 6, "age": 24}
 """Held-out clips per class in ``--quick`` (48 RAVDESS, 48 speechocean762: every class present)."""
 
 
-def _default_data() -> Path:
-    return Path(os.environ.get("PARAENCODER_SHARED_DATA", Path.cwd().parent / "shared" / "data"))
-
-
 def build_manifests(data: Path, out: Path, *, quick: bool, seed: int = 0, ocean_train_clips: int = 240) -> dict[str, Path]:
     """Speaker-independent manifests from the shared corpora (or a user path in the same layout)."""
     from paraencoder.data.manifest import load_manifest, write_manifest
@@ -217,7 +213,9 @@ def demo(
         retrain: train again even if an adapter exists.
         eval_limit: at most this many clips per evaluation suite.
     """
-    data = data or _default_data()
+    from paraencoder.data.corpora import shared_data_dir
+
+    data = data or shared_data_dir()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PARAENCODER_CACHE", str(Path.home() / ".cache" / "paraencoder"))
     # Stage times of an earlier (resumed) run are kept; stages run now overwrite theirs.

@@ -38,6 +38,7 @@ __all__ = [
     "read_iemocap",
     "read_msp_podcast",
     "read_speechocean762",
+    "shared_data_dir",
     "read_shared",
     "read_hf_dataset",
     "add_durations",
@@ -475,6 +476,24 @@ def read_speechocean762(root: str | os.PathLike, *, splits: Iterable[str] = ("tr
 
 
 # -------------------------------------------------------------------------------------- shared layout
+def shared_data_dir() -> Path:
+    """The shared speech folder (``ravdess/``, ``speechocean762/``, ... each with ``metadata.jsonl``).
+
+    ``$PARAENCODER_SHARED_DATA`` when set; else the first ``../shared/data`` that exists, seen from
+    the working directory and then from the repository holding this package (so ``eval``, ``demo``
+    and ``probe`` find it from any working directory of a checkout); else the working directory's
+    ``../shared/data``, which the callers' "not found" errors then name.
+    """
+    env = os.environ.get("PARAENCODER_SHARED_DATA")
+    if env:
+        return Path(env).expanduser()
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = base.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd().parent / "shared" / "data"
+
+
 def read_shared(root: str | os.PathLike, *, corpus: str | None = None) -> list[Utterance]:
     """A corpus in the shared-data layout: ``<root>/metadata.jsonl`` (paths relative to ``root``).
 

@@ -28,14 +28,85 @@ def first_clause(text: str | None) -> str:
     return re.split(r"[,;:.!?]", text or "", maxsplit=1)[0]
 
 
+def teacher_answer_correct(ex: AlignmentExample, reply: str | None = None) -> bool:
+    """Whether a question-bank example's teacher reply (or ``reply``) gives the right answer in its first clause.
+
+    Yes/no replies are scored whole ("The speaker is not sad." answers "no").
+    """
+    from paraencoder.labels import score_answer
+
+    q = ex.question
+    reply = ex.reply if reply is None else reply
+    # The answer must come first: a reply that hedges before naming the class ("a mix of emotions,
+    # but the most fitting choice is ...") teaches the student to hedge, and the label comes late.
+    reply = reply if q["form"] == "yesno" else first_clause(reply)
+    return score_answer(q["attribute"], q["form"], reply, ex.labels.get(q["attribute"]), q.get("candidate"))[1]
+
+
+def resample_teacher_answers(
+    examples: list[AlignmentExample],
+    llm,
+    cache: TeacherCache,
+    *,
+    decoding: Decoding,
+    samples: int,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    source: str = "manifest",
+    progress: bool = True,
+) -> dict:
+    """Give question-bank examples whose greedy teacher reply is wrong the teacher's first *right* sampled reply.
+
+    Rejection sampling from the frozen LLM's own distribution: round ``r`` (1..``samples``) samples
+    one reply (``temperature``, seed ``r``; cached like every teacher reply, so a rerun redoes
+    nothing) for each teacher prompt that has no right reply yet, and an example takes the first
+    reply that :func:`teacher_answer_correct` accepts. The target stays the LLM's own answer to the
+    stated cue - only its most likely *wrong* one is replaced - so the student learns formats the
+    greedy teacher gets wrong (SmolLM2-135M's multiple choice) instead of never seeing them.
+    Examples still wrong after every round keep their greedy reply (the filter drops them).
+    Returns ``{task: [fixed, wrong]}``.
+    """
+    from collections import Counter
+    from dataclasses import replace
+
+    from paraencoder.data.teacher import TeacherRequest, generate_teacher_replies
+
+    if samples < 0 or temperature <= 0:
+        raise ConfigError(f"data.teacher_resample={samples}, data.teacher_resample_temperature={temperature}: give samples >= 0 and a temperature > 0")
+    groups: dict[tuple, list[AlignmentExample]] = {}
+    for ex in examples:
+        if ex.question and not teacher_answer_correct(ex):
+            groups.setdefault((ex.teacher_prompt, ex.system), []).append(ex)
+    wrong = Counter(ex.task for group in groups.values() for ex in group)
+    fixed: Counter = Counter()
+    for round_ in range(1, samples + 1):
+        if not groups:
+            break
+        keys = sorted(groups, key=lambda k: (k[0], k[1] or ""))
+        replies = generate_teacher_replies(
+            llm, [TeacherRequest(prompt, system) for prompt, system in keys], cache,
+            decoding=replace(decoding, do_sample=True, temperature=temperature, top_p=1.0, seed=round_),
+            batch_size=batch_size, progress=progress,
+        )
+        for key, reply in zip(keys, replies):
+            group = groups[key]
+            if reply is not None and teacher_answer_correct(group[0], reply):
+                for ex in group:
+                    ex.reply = reply
+                    fixed[ex.task] += 1
+                del groups[key]
+    if wrong:
+        summary = ", ".join(f"{t} {fixed[t]}/{wrong[t]}" for t in sorted(wrong))
+        print(f"{source}: {sum(fixed.values())} of {sum(wrong.values())} wrong teacher answers replaced by a right sampled one within {samples} samples ({summary})")
+    return {t: [fixed[t], wrong[t]] for t in sorted(wrong)}
+
+
 def filter_teacher_answers(examples: list[AlignmentExample], *, source: str = "manifest") -> list[AlignmentExample]:
     """Keep question-bank examples whose teacher reply gives the right answer in its first clause (others untouched); prints counts per format.
 
     Yes/no replies are scored whole ("The speaker is not sad." answers "no").
     """
     from collections import Counter
-
-    from paraencoder.labels import score_answer
 
     kept, dropped, total = [], Counter(), Counter()
     for ex in examples:
@@ -44,11 +115,7 @@ def filter_teacher_answers(examples: list[AlignmentExample], *, source: str = "m
             kept.append(ex)
             continue
         total[ex.task] += 1
-        # The answer must come first: a reply that hedges before naming the class ("a mix of emotions,
-        # but the most fitting choice is ...") teaches the student to hedge, and the label comes late.
-        reply = ex.reply if q["form"] == "yesno" else first_clause(ex.reply)
-        _, correct = score_answer(q["attribute"], q["form"], reply, ex.labels.get(q["attribute"]), q.get("candidate"))
-        if correct:
+        if teacher_answer_correct(ex):
             kept.append(ex)
         else:
             dropped[ex.task] += 1
@@ -91,6 +158,11 @@ class AlignmentData(L.LightningDataModule):
             yes/no) instead of their single fixed question; ``0`` keeps the fixed question.
         filter_teacher: drop question-bank examples whose teacher reply (to the stated cue) does not
             parse to the right answer: the student never learns a wrong target. Counts are printed.
+        teacher_resample: before the filter, give each question-bank example whose greedy teacher
+            reply is wrong the first right one of up to this many sampled replies of the same
+            prompt (:func:`resample_teacher_answers`; ``0``: off). The greedy 135M teacher gets
+            most multiple-choice answers wrong, so without it the student hardly sees that format.
+        teacher_resample_temperature: sampling temperature of those replies.
         system_prompt: system message of the teacher prompts (linked from ``model.system_prompt``;
             ``None`` = the model's, when a trainer attaches one, else the template's default).
         bad_items: what to do with manifest items that cannot be trained on (schema errors, missing,
@@ -128,6 +200,8 @@ class AlignmentData(L.LightningDataModule):
         qa_pairs: int = 2,
         questions_per_item: int = 0,
         filter_teacher: bool = True,
+        teacher_resample: int = 0,
+        teacher_resample_temperature: float = 1.0,
         system_prompt: str | None = None,
         bad_items: str = "fail",
         bad_items_report: str | None = None,
@@ -171,6 +245,11 @@ class AlignmentData(L.LightningDataModule):
         cache = TeacherCache(self.hparams.teacher_cache or default_cache_dir() / "teacher")
         decoding = Decoding(max_new_tokens=self.hparams.teacher_max_new_tokens)
         examples = attach_teacher_replies(examples, llm, cache, decoding=decoding, batch_size=self.hparams.teacher_batch_size)
+        if banked and self.hparams.get("teacher_resample", 0):
+            resample_teacher_answers(
+                examples, llm, cache, decoding=decoding, samples=self.hparams.teacher_resample,
+                temperature=self.hparams.get("teacher_resample_temperature", 1.0), batch_size=self.hparams.teacher_batch_size, source=manifest,
+            )
         if banked and self.hparams.filter_teacher:
             examples = filter_teacher_answers(examples, source=manifest)
         return examples

@@ -15,24 +15,18 @@ child-like and adult voices (written under ``OUT/safety_audio``).
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 from paraencoder.errors import ConfigError
 from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
 
-__all__ = ["evaluate", "default_utterances", "shared_data_dir"]
-
-
-def shared_data_dir() -> Path:
-    """``$PARAENCODER_SHARED_DATA``, else ``../shared/data`` relative to the working directory."""
-    env = os.environ.get("PARAENCODER_SHARED_DATA")
-    return Path(env) if env else Path.cwd().parent / "shared" / "data"
+__all__ = ["evaluate", "default_utterances"]
 
 
 def default_utterances(suite: str, out: Path, *, seed: int = 0) -> list:
     """The held-out speakers each suite is evaluated on when no manifest is given."""
+    from paraencoder.data.corpora import shared_data_dir
     from paraencoder.data.manifest import load_manifest
     from paraencoder.data.splits import ravdess_actor_split, split_by_speaker
 
