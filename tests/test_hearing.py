@@ -398,3 +398,23 @@ def test_demo_defaults_to_the_released_hearing_recipe_and_describes_the_adapter(
 
     with pytest.raises(ConfigError, match="not found"):
         recipe_tasks(tmp_path / "missing.yaml")
+
+
+def test_ask_bank_rotates_phrasings_scores_replies_and_applies_the_prompt_hook(toy_corpus):
+    """Each clip gets one phrasing in turn; a hook rewrites the prompt the adapter is asked; parsing scores it."""
+    from paraencoder.eval.phrasings import ask_bank
+
+    utts = [u for u in load_manifest(toy_corpus / "manifest.jsonl") if u.emotion]
+    asked = []
+
+    class Echo:  # answers with the emotion written after the question by the hook
+        def generate(self, waves, prompts, **kw):
+            asked.extend(prompts)
+            return [f"The speaker is {p.rsplit('|', 1)[1]}." for p in prompts]
+
+    res = ask_bank(Echo(), utts, "emotion", "eval", prompt_hook=lambda i, p: f"{p}|{utts[i].emotion if i % 2 == 0 else 'surprised'}")
+    naming = [q.text for q in QUESTION_BANK["emotion"]["eval"] if q.form != "yesno"]
+    assert all(p.startswith("<speech>\n") and "|" in p for p in asked) and len(asked) == len(utts)
+    assert [r["question"] for r in sorted(res["rows"], key=lambda r: [u.id for u in utts].index(r["id"]))] == [naming[i % len(naming)] for i in range(len(utts))]
+    expected = sum(1 for i, u in enumerate(utts) if i % 2 == 0 or u.emotion == "surprised") / len(utts)
+    assert res["accuracy"] == pytest.approx(expected) and res["no_label"] == 0.0

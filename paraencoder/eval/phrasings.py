@@ -16,7 +16,7 @@ batch 32 beat 8, 16 and 64 on the 2-core CPU)."""
 __all__ = ["ask_bank"]
 
 
-def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = EVAL_BATCH_SIZE, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False, stated: bool = False) -> dict:
+def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = EVAL_BATCH_SIZE, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False, stated: bool = False, prompt_hook=None) -> dict:
     """Ask each clip one question of ``QUESTION_BANK[attribute][split]`` (rotating phrasings); parsed accuracy.
 
     ``split="trained"`` asks the original fixed phrasing only. Returns ``{"accuracy", "no_label", "n",
@@ -24,7 +24,8 @@ def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens:
     naming formats by default; yes/no separately (its chance level is 50%, not 1/classes).
     ``stated=True`` asks the adapter's frozen LLM the same questions as *text* with the label stated
     (the teacher's premise, no audio): what this LLM answers when it is told, per phrasing - the
-    ceiling a speech adapter can reach with it.
+    ceiling a speech adapter can reach with it. ``prompt_hook(clip index, student prompt) -> prompt``
+    rewrites each clip's prompt before it is asked (diagnostics, e.g. ``bench/hearing_cue_position.py``).
     """
     from paraencoder.audio import SAMPLE_RATE, load_audio
     from paraencoder.labels import score_answer
@@ -38,7 +39,8 @@ def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens:
     for i, u in enumerate(utts):
         q = questions[i % len(questions)]
         slots = question_slots(q, getattr(u, attribute), f"eval{seed}|{u.id}")
-        asks.append((i, q, slots, q.student(**slots)))
+        prompt = q.student(**slots)
+        asks.append((i, q, slots, prompt_hook(i, prompt) if prompt_hook else prompt))
     asks.sort(key=lambda a: utts[a[0]].duration or 0.0)  # similar lengths share a batch
     rows: list[dict | None] = [None] * len(utts)
     bar = None
