@@ -234,3 +234,72 @@ def test_cue_fit_on_every_clip_and_frozen_through_the_steps(tmp_path, tiny_llm_d
     assert any(not torch.equal(v, projector_before[k]) for k, v in module.adapter.projector.state_dict().items())
     with pytest.raises(ConfigError, match="cue_fit_on"):
         AlignmentModule(llm=str(tiny_llm_dir), encoder=str(tiny_whisper_dir), cue=CUE, cue_fit_on="all")
+
+
+def _reference_embeds(llm, prompt: str, frames: torch.Tensor, cue: torch.Tensor) -> torch.Tensor:
+    """The prompt's embeddings written out by hand: frame tokens at ``<speech>``, the cue after the user's text."""
+    from paraencoder.prompts import SPEECH
+
+    table = llm.embedding_table.detach()
+    pieces = []
+    for text, is_content in llm.render_segments(prompt):
+        if is_content and SPEECH in text:
+            head, rest = text.split(SPEECH)
+            pieces += [table[llm.text_ids(head)], frames, table[llm.text_ids(rest)], cue]
+        else:
+            pieces.append(table[llm.text_ids(text) if is_content else llm._ids(text)])
+    return torch.cat([p.reshape(-1, table.shape[1]) for p in pieces])
+
+
+def test_cue_at_the_end_is_read_after_the_question_in_generation_and_training(tiny_llm_dir, tiny_whisper_dir, monkeypatch):
+    from paraencoder.model import adapter as adapter_module
+    from paraencoder.model.forward import speech_inputs
+
+    torch.manual_seed(0)
+    end = SpeechAdapter.build(str(tiny_whisper_dir), str(tiny_llm_dir), stack=2, hidden_dim=32, cue={**CUE, "position": "end"}).eval()
+    after = SpeechAdapter.build(str(tiny_whisper_dir), str(tiny_llm_dir), stack=2, hidden_dim=32, cue={**CUE, "position": "after"}).eval()
+    after.load_state_dict(end.state_dict())
+    c = end.cue.num_tokens
+    assert end.tail_tokens == c and after.tail_tokens == 0 and end.clip_tokens == after.clip_tokens == (0, c)
+    waves, lengths = torch.randn(2, 16000) * 0.1, torch.tensor([9000, 16000])
+    soft, n = end(waves, lengths)
+    soft_after, _ = after(waves, lengths)
+    torch.testing.assert_close(soft, soft_after)  # the same tokens; only where the LLM reads them differs
+    prompts = ["<speech>\nHow does the speaker feel?", "<speech>\nWho speaks?"]
+    for side in ("right", "left"):
+        inputs = speech_inputs(end.llm, prompts, soft, n, tail=end.tail_tokens, padding_side=side)
+        for row in range(2):
+            frames = int(n[row]) - c
+            ref = _reference_embeds(end.llm, prompts[row], soft[row, :frames], soft[row, frames : frames + c])
+            mask = inputs.attention_mask[row].bool()
+            assert int(mask.sum()) == ref.shape[0]
+            torch.testing.assert_close(inputs.embeds[row][mask], ref)
+    # generate() asks the LLM with the cue after the question.
+    seen = []
+    real = adapter_module.speech_inputs
+    monkeypatch.setattr(adapter_module, "speech_inputs", lambda *a, **kw: seen.append(kw.get("tail")) or real(*a, **kw))
+    end.generate([waves[0, :9000].numpy()], prompts[0], sample_rate=16000, max_new_tokens=2)
+    after.generate([waves[0, :9000].numpy()], prompts[0], sample_rate=16000, max_new_tokens=2)
+    assert seen == [c, 0]
+    with pytest.raises(Exception, match="cannot go after the question"):
+        end.llm.encode(prompts, num_speech_tokens=[2, 2], tail_speech_tokens=3)
+
+
+def test_cue_at_the_end_of_a_dialogue_turn_follows_all_its_clips_in_order(tiny_llm_dir):
+    from paraencoder.model.resolve import resolve_llm
+
+    llm = resolve_llm(str(tiny_llm_dir))
+    turns = [{"role": "user", "content": "<speech> and <speech>?"}]
+    batch = llm.encode_dialogues([turns], num_speech_tokens=[[3, 4]], tail_speech_tokens=2, padding_side="right")
+    # Clip 1 = tokens 0-2 (frame 0, cue 1-2), clip 2 = tokens 3-6 (frames 3-4, cue 5-6).
+    assert batch.soft_order == [[0, 3, 4, 1, 2, 5, 6]]
+    soft = torch.arange(7, dtype=torch.float32)[None, :, None].expand(1, 7, llm.hidden_size)
+    embeds = llm.embed(batch, soft, torch.tensor([7]))
+    assert embeds[0][batch.speech_mask[0]][:, 0].tolist() == [0, 3, 4, 1, 2, 5, 6]
+    slots = batch.speech_mask[0].nonzero().flatten().tolist()
+    question_end = max(i for i in range(slots[-1]) if not batch.speech_mask[0, i])  # the "?" (then the cue, then the turn's end)
+    assert slots[-4:] == list(range(question_end + 1, question_end + 5))
+    # A one-turn dialogue renders as encode() renders that prompt, cue slots included.
+    single = llm.encode(["<speech>\nWho?"], num_speech_tokens=[5], tail_speech_tokens=2, padding_side="left")
+    one = llm.encode_dialogues([[{"role": "user", "content": "<speech>\nWho?"}]], num_speech_tokens=[[5]], tail_speech_tokens=2, padding_side="left")
+    assert torch.equal(single.input_ids, one.input_ids) and torch.equal(single.speech_mask, one.speech_mask) and one.soft_order is None

@@ -81,6 +81,23 @@ def test_only_the_llm_wrapper_and_the_one_forward_touch_input_embeddings():
     assert not offenders, f"build LLM inputs with paraencoder.model.forward instead: {offenders}"
 
 
+def test_every_speech_forward_says_where_the_llm_reads_a_cue_placed_at_the_end():
+    """A verbal cue placed "end" is read after the question only if each forward passes the adapter's
+    ``tail_tokens``: a call that forgot it would silently read the cue next to the frames."""
+    offenders = []
+    for module, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            keywords = {k.arg for k in node.keywords}
+            if name == "speech_inputs" and len(node.args) >= 3 and "tail" not in keywords:  # soft tokens given
+                offenders.append(f"{module}:{node.lineno} speech_inputs")
+            if name == "encode_dialogues" and "num_speech_tokens" in keywords and "tail_speech_tokens" not in keywords:
+                offenders.append(f"{module}:{node.lineno} encode_dialogues")
+    assert not offenders, f"pass tail=adapter.tail_tokens (tail_speech_tokens=...): {offenders}"
+
+
 def test_long_modules_say_why_they_are_one_module():
     unexplained = []
     for module, path in _modules():

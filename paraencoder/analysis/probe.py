@@ -156,7 +156,7 @@ def extract_layer_features(
                 soft, soft_lengths = adapter.project(out.hidden_states, out.lengths)
                 rows["projector"] = masked_pool(soft.float(), soft_lengths)
                 if llm is not None:
-                    inputs = speech_inputs(llm, [prompt] * len(idx), soft, soft_lengths)
+                    inputs = speech_inputs(llm, [prompt] * len(idx), soft, soft_lengths, tail=adapter.tail_tokens)
                     states = hidden_states(llm, inputs, output_hidden_states=True).hidden_states
                     mask = inputs.batch.speech_mask.unsqueeze(-1).float()
                     counts = mask.sum(1).clamp(min=1)

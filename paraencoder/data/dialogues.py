@@ -394,7 +394,7 @@ def dialogue_examples(items: Sequence[DialogueItem], *, llm=None, check_audio: b
         line_no = int(line) if line.isdigit() else None
         path = path if line_no is not None else item.source
         if llm is not None:
-            checks = [("messages", lambda: llm.encode_dialogues([item.turns], num_speech_tokens=[[1] * len(item.clips)], systems=[item.system], padding_side="right"))]
+            checks = [("messages", lambda: llm.encode_dialogues([item.turns], num_speech_tokens=[[1] * len(item.clips)], systems=[item.system], padding_side="right", tail_speech_tokens=0))]  # a render check only
             if item.reply is not None:
                 checks.append(("reply", lambda: llm.text_ids(item.reply, what="the reply")))
             else:
@@ -491,7 +491,7 @@ def append_replies(llm, batch, replies: Sequence[str | list[int]], *, names: Seq
         attention[i, : len(ids)] = 1
         speech[i, : len(ids)] = torch.tensor(sp)
         labels[i, : len(ids)] = torch.tensor(lab)
-    return PromptBatch(input_ids, attention, speech, labels, list(batch.reply_starts))
+    return PromptBatch(input_ids, attention, speech, labels, list(batch.reply_starts), batch.soft_order)
 
 
 def per_example_soft(soft: torch.Tensor, soft_lengths: torch.Tensor, clip_counts: Sequence[int]) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
@@ -509,21 +509,23 @@ def per_example_soft(soft: torch.Tensor, soft_lengths: torch.Tensor, clip_counts
     return per, packed, lengths
 
 
-def dialogue_student_batch(llm, examples: Sequence[AlignmentExample], soft: torch.Tensor, soft_lengths: torch.Tensor, clip_counts: Sequence[int], replies, *, prompts=None, device=None):
+def dialogue_student_batch(llm, examples: Sequence[AlignmentExample], soft: torch.Tensor, soft_lengths: torch.Tensor, clip_counts: Sequence[int], replies, *, prompts=None, device=None, tail: int = 0):
     """The student's :class:`~paraencoder.model.forward.LLMInputs` (labels = the replies) of a batch mixing dialogue and single-clip examples.
 
     ``soft``/``soft_lengths`` are the adapter's tokens for every clip of the batch (one forward, in
     the batch's clip order); ``clip_counts[i]`` clips belong to example i. The prompts come from
     :meth:`FrozenLLM.encode_dialogues` (a single-clip example is a one-turn dialogue, which renders
     as :meth:`FrozenLLM.encode` renders it), the replies are appended as labels, and the soft tokens
-    are spliced by :func:`paraencoder.model.forward.splice`.
+    are spliced by :func:`paraencoder.model.forward.splice`. ``tail``: the adapter's
+    :attr:`~paraencoder.model.adapter.SpeechAdapter.tail_tokens` (a cue read after the question).
     """
     per, packed, lengths = per_example_soft(soft, soft_lengths, clip_counts)
     dialogues = student_dialogues(examples, prompts)
     names = [f"example {ex.utt_id!r} ({getattr(ex, 'source', '') or ex.task})" for ex in examples]
     try:
         prompt = llm.encode_dialogues(
-            dialogues, num_speech_tokens=[[int(t.shape[0]) for t in toks] for toks in per], systems=[ex.system for ex in examples], padding_side="right"
+            dialogues, num_speech_tokens=[[int(t.shape[0]) for t in toks] for toks in per], systems=[ex.system for ex in examples], padding_side="right",
+            tail_speech_tokens=tail,
         )
     except PromptError as exc:
         raise PromptError(f"{exc} (batch examples: {', '.join(names)})") from None

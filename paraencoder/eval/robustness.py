@@ -116,25 +116,25 @@ def soft_tokens_for(adapter, examples: Sequence) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def generate_replies(
     llm, prompts: Sequence[str], soft: torch.Tensor, soft_lengths: torch.Tensor, *, system: str | None,
-    history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 40,
+    history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 40, tail: int = 0,
 ) -> tuple[list[str], list[list[int]]]:
-    """Greedy replies (texts and token ids) to speech prompts in a given context (KV-cached)."""
+    """Greedy replies (texts and token ids) to speech prompts in a given context (KV-cached); ``tail``: the adapter's ``tail_tokens``."""
     histories = [tuple(history)] * len(prompts) if history else None
-    inputs = speech_inputs(llm, prompts, soft, soft_lengths, system=system, histories=histories, padding_side="left")
+    inputs = speech_inputs(llm, prompts, soft, soft_lengths, system=system, histories=histories, padding_side="left", tail=tail)
     return generate(llm, inputs, max_new_tokens=max_new_tokens, do_sample=False, return_ids=True)
 
 
 @torch.no_grad()
 def reply_loglik(
     llm, prompts: Sequence[str], replies: Sequence[str | list[int]], *, system: str | None,
-    history: Sequence[tuple[str, str]] = (), soft: torch.Tensor | None = None, soft_lengths: torch.Tensor | None = None,
+    history: Sequence[tuple[str, str]] = (), soft: torch.Tensor | None = None, soft_lengths: torch.Tensor | None = None, tail: int = 0,
 ) -> list[float]:
     """Mean per-token log-probability of each reply (+ end-of-turn) given its prompt, one float per example.
 
     Text prompts when ``soft`` is ``None``; speech prompts (one ``<speech>`` each) otherwise.
     """
     histories = [tuple(history)] * len(prompts) if history else None
-    inputs = speech_inputs(llm, prompts, soft, soft_lengths, replies=list(replies), system=system, histories=histories)
+    inputs = speech_inputs(llm, prompts, soft, soft_lengths, replies=list(replies), system=system, histories=histories, tail=tail)
     hidden = hidden_states(llm, inputs)
     head = llm.lm_head
     out = []
@@ -188,11 +188,11 @@ def evaluate_robustness(
                 chunk = list(examples[start : start + batch_size])
                 soft, soft_lengths = soft_tokens_for(adapter, chunk)
                 prompts = [ex.student_prompt for ex in chunk]
-                replies, ids = generate_replies(llm, prompts, soft, soft_lengths, system=sys_prompt, history=history, max_new_tokens=max_new_tokens)
+                replies, ids = generate_replies(llm, prompts, soft, soft_lengths, system=sys_prompt, history=history, max_new_tokens=max_new_tokens, tail=adapter.tail_tokens)
                 if teacher == "text":
                     lls += reply_loglik(llm, [ex.teacher_prompt for ex in chunk], ids, system=system, history=history)
                 else:
-                    lls += reply_loglik(llm, prompts, ids, system=with_scaffold(system, scaffold), history=history, soft=soft, soft_lengths=soft_lengths)
+                    lls += reply_loglik(llm, prompts, ids, system=with_scaffold(system, scaffold), history=history, soft=soft, soft_lengths=soft_lengths, tail=adapter.tail_tokens)
                 for ex, reply in zip(chunk, replies):
                     flag = is_aware(reply, ex.labels)
                     if flag is not None:

@@ -62,12 +62,9 @@ class SpeechAdapter(nn.Module):
         train_layers: encoder layers that train: ``"all"``, ``"none"``, ``"2-5"``, ``[0, 1]``.
         encoder_spec: how to load the encoder again (a short name, a directory or a CTranslate2 file).
         llm_identity: the LLM these soft tokens are for (checked on load).
-        summary_tokens: clip-level soft tokens (attention-pooled over all frames) prepended to the
-            frame tokens; 0 = frame tokens only (adapters before 0.3).
-        cue: a verbal cue (:mod:`paraencoder.model.cue`): clip classifiers whose posteriors fill a fixed
-            sentence of the LLM's own word embeddings, placed before or after the frame tokens
-            (``position``); ``None`` = none. A mapping with ``template`` and ``classes`` (e.g.
-            :data:`paraencoder.model.cue.DEFAULT_CUE`).
+        summary_tokens: clip-level soft tokens (attention-pooled over all frames) before the frame tokens; 0 = none.
+        cue: a verbal cue (:mod:`paraencoder.model.cue`; a mapping with ``template`` and ``classes``, e.g.
+            :data:`~paraencoder.model.cue.DEFAULT_CUE`, and a ``position``); ``None`` = none.
     """
 
     def __init__(
@@ -181,13 +178,17 @@ class SpeechAdapter(nn.Module):
     def clip_tokens(self) -> tuple[int, int]:
         """Clip-level soft tokens (not one per stretch of frames) in each clip's tokens: ``(before the frames, after them)``.
 
-        Summary tokens and a verbal cue placed ``"before"`` lead the frame tokens; a cue placed
-        ``"after"`` follows them. Long-audio windowing (:func:`paraencoder.model.dialogue.speech_tokens`)
-        averages these over windows and concatenates only the frame tokens.
+        Summary tokens and a cue placed ``"before"`` lead the frame tokens; one placed ``"after"`` or
+        ``"end"`` follows them. Long audio (:func:`paraencoder.model.dialogue.speech_tokens`) averages these over windows.
         """
         cue = self.cue.num_tokens if self.cue is not None else 0
-        after = cue if self.cue is not None and self.cue.position == "after" else 0
+        after = cue if self.cue is not None and self.cue.position in ("after", "end") else 0
         return (self.summary.num_tokens if self.summary is not None else 0) + cue - after, after
+
+    @property
+    def tail_tokens(self) -> int:
+        """How many of each clip's last soft tokens (a cue placed ``"end"``) the LLM reads after the question, not at ``<speech>``."""
+        return self.cue.num_tokens if self.cue is not None and self.cue.position == "end" else 0
 
     @property
     def num_summary_tokens(self) -> int:
@@ -210,8 +211,8 @@ class SpeechAdapter(nn.Module):
     def project_with_cue(self, hidden_states: tuple[torch.Tensor, ...], frame_lengths: torch.Tensor):
         """:meth:`project` plus the verbal cue's class logits (attribute → ``[B, C]``; empty without a cue).
 
-        Each clip's tokens are: summary tokens, the cue sentence if its ``position`` is ``"before"``,
-        frame tokens, the cue sentence if it is ``"after"`` (padding at the end); :attr:`clip_tokens`.
+        Each clip's tokens: summary tokens, the cue if ``"before"``, frame tokens, the cue if ``"after"``
+        or ``"end"`` (padding at the end); :attr:`clip_tokens`, :attr:`tail_tokens`.
         """
         frames = self.layer_select(hidden_states)
         tokens, lengths = self.projector(frames, frame_lengths)
@@ -221,7 +222,7 @@ class SpeechAdapter(nn.Module):
         if self.cue is not None:
             logits = self.cue.logits(hidden_states, frame_lengths)
             cue = self.cue.tokens(logits).to(tokens.dtype)
-            if self.cue.position == "after":
+            if self.cue.position in ("after", "end"):  # "end": encode() reserves their slots after the question
                 tokens, lengths = _append_per_row(tokens, lengths, cue)
             else:
                 prefix.append(cue)
@@ -333,7 +334,7 @@ class SpeechAdapter(nn.Module):
             waves, lengths = waves.to(device), lengths.to(device)
             soft, soft_lengths = self._speech_tokens_for(waves, lengths)
             system = self.system_prompt if system is None else system
-            inputs = speech_inputs(llm, prompts, soft, soft_lengths, system=system, padding_side="left")
+            inputs = speech_inputs(llm, prompts, soft, soft_lengths, system=system, padding_side="left", tail=self.tail_tokens)
             texts = generate(llm, inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
         return texts[0] if single else texts
 

@@ -8,7 +8,8 @@ class posterior mixes the LLM's *own input embeddings* of the class words into a
 
     "(The speaker is" [p(child)·E(" a child") + p(adult)·E(" an adult")] ", feeling" [Σ p(e)·E(" e")] ".)"
 
-spliced before or after the frame tokens (``position``). A confident clip reads as the sentence a user would have
+spliced before or after the frame tokens, or at the end of the user's message, after the question
+(``position``). A confident clip reads as the sentence a user would have
 typed; an uncertain one as a blend of its candidates. Nothing of the LLM trains: the template and
 word embeddings are buffers derived from the LLM (never saved; its identity is checked on load),
 and the classifiers and their feature standardisation are the adapter's weights.
@@ -26,7 +27,7 @@ from paraencoder.errors import ConfigError
 from paraencoder.objectives.heads import class_ids
 
 POOLINGS = ("mean", "mean_std")
-POSITIONS = ("before", "after")
+POSITIONS = ("before", "after", "end")
 MAX_TEMPLATE_CHARS = 400
 MAX_CLASSES = 64
 
@@ -85,7 +86,10 @@ def check_cue_config(cue: dict, where: str = "model.cue") -> dict:
         raise ConfigError(f"{where}.dropout={dropout!r} must be a number in [0, 1)")
     position = cue.get("position", "before")
     if position not in POSITIONS:
-        raise ConfigError(f"{where}.position={position!r}: choose 'before' (the cue, then the frame tokens) or 'after' (frames, then the cue, next to the question)")
+        raise ConfigError(
+            f"{where}.position={position!r}: choose 'before' (the cue, then the frame tokens), 'after' (frames, then the cue, "
+            "next to the question) or 'end' (frames, the question, then the cue: the last thing the LLM reads before it answers)"
+        )
     return {"template": template, "classes": clean, "pooling": pooling, "hidden_dim": hidden, "dropout": float(dropout), "position": position}
 
 
@@ -116,7 +120,10 @@ class VerbalCue(nn.Module):
         pooling: ``"mean"`` or ``"mean_std"`` over time, per layer.
         hidden_dim: 0 = a linear classifier per attribute (what a probe is); > 0 = a one-hidden-layer MLP.
         dropout: on the standardised features while training.
-        position: ``"before"`` the frame tokens, or ``"after"`` them (right before the question text).
+        position: ``"before"`` the frame tokens, ``"after"`` them (right before the question text), or
+            ``"end"``: at the end of the user message that holds the clip, after the question (the
+            adapter's :attr:`~paraencoder.model.adapter.SpeechAdapter.tail_tokens`; the LLM's
+            :meth:`~paraencoder.model.llm.FrozenLLM.encode` reserves those slots there).
 
     :meth:`bind` (called when the adapter attaches its LLM) builds the embedding buffers;
     :meth:`set_standardisation` stores the training clips' feature mean/std (saved with the adapter).

@@ -297,6 +297,7 @@ def dialogue_inputs(adapter, dialogues: Sequence[Dialogue], **speech_kw) -> LLMI
         # As in SpeechAdapter.generate: no system message = the prompt the adapter was trained with.
         systems=[d.system if d.system is not None else getattr(adapter, "system_prompt", None) for d in dialogues],
         padding_side="left",
+        tail_speech_tokens=getattr(adapter, "tail_tokens", 0),
     ).to(device)
     if not flat:
         return splice(llm, batch)

@@ -54,16 +54,19 @@ def speech_inputs(
     histories: Sequence[Sequence[tuple[str, str]]] | None = None,
     padding_side: str = "right",
     sources: Sequence[str] | None = None,
+    tail: int = 0,
 ) -> LLMInputs:
     """Render + tokenise ``prompts`` (one ``<speech>`` each when ``soft`` is given, none otherwise) and splice.
 
     ``replies`` are appended as labels (training, log-likelihoods); generation wants
-    ``padding_side="left"``. The batch lands on the LLM's device.
+    ``padding_side="left"``. ``tail``: how many of each clip's last soft tokens the LLM reads at the
+    end of the user message instead of at ``<speech>`` (the adapter's ``tail_tokens``: a verbal cue
+    placed ``"end"``); every caller with an adapter's tokens passes it. The batch lands on the LLM's device.
     """
     speech = soft is not None
     batch = llm.encode(
         list(prompts), num_speech_tokens=soft_lengths.tolist() if speech else None, replies=replies, system=system,
-        histories=histories, padding_side=padding_side, require_speech=speech, sources=sources,
+        histories=histories, padding_side=padding_side, require_speech=speech, sources=sources, tail_speech_tokens=tail if speech else 0,
     ).to(llm.device)
     if speech:
         soft, soft_lengths = soft.to(llm.device), soft_lengths.to(llm.device)

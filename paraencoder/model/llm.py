@@ -48,10 +48,21 @@ class PromptBatch:
     speech_mask: torch.Tensor  # [B, L] True where a soft token goes
     labels: torch.Tensor | None = None  # [B, L] response token ids at their own positions, else -100
     reply_starts: list[int] = field(default_factory=list)
+    # Per row, which of its soft tokens (clip after clip) fills each speech slot in reading order;
+    # None = in order. Only a cue at the end of a message holding several clips reorders them.
+    soft_order: list[list[int] | None] | None = None
 
     def to(self, device: torch.device | str) -> "PromptBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return PromptBatch(move(self.input_ids), move(self.attention_mask), move(self.speech_mask), move(self.labels), self.reply_starts)
+        return PromptBatch(move(self.input_ids), move(self.attention_mask), move(self.speech_mask), move(self.labels), self.reply_starts, self.soft_order)
+
+
+def _tail_count(tail: int, slots: int, where: str) -> int:
+    """``tail`` checked against a clip's ``slots`` (the cue tokens are part of them)."""
+    tail = int(tail or 0)
+    if slots and not 0 <= tail <= slots:
+        raise PromptError(f"{where}: {tail} soft tokens cannot go after the question, the clip has {slots}")
+    return tail if slots else 0
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -368,10 +379,13 @@ class FrozenLLM:
         padding_side: str = "right",
         require_speech: bool | None = None,
         sources: Sequence[str] | None = None,
+        tail_speech_tokens: int = 0,
     ) -> PromptBatch:
         """Render and tokenize a batch of user prompts (each may hold one ``<speech>`` placeholder).
 
-        ``num_speech_tokens[i]`` slots are reserved at example i's placeholder. With ``replies``, the
+        ``num_speech_tokens[i]`` slots are reserved at example i's placeholder; the last
+        ``tail_speech_tokens`` of them instead at the end of the user message, after its text (a
+        verbal cue placed ``"end"``: ``SpeechAdapter.tail_tokens``). With ``replies``, the
         reply tokens plus the end-of-turn token follow the prompt and become the labels.
         Message contents and replies are tokenised as text: no control token can come from them
         (:meth:`render_segments`). ``sources[i]`` names where prompt i came from in errors
@@ -395,17 +409,21 @@ class FrozenLLM:
                     f"(a transcript or question holding {SPEECH!r}? remove it from the data)"
                 )
             segments = self.render_segments(user, system=system, history=histories[i] if histories else (), where=names[i])
+            tail = _tail_count(tail_speech_tokens, int(num_speech_tokens[i]) if count else 0, names[i])  # type: ignore[index]
             ids, speech = [], []
             for text, is_content in segments:
                 parts = text.split(SPEECH) if is_content else [text]
                 for j, part in enumerate(parts):
                     if j:  # the placeholder: reserve the soft-token slots
-                        n = int(num_speech_tokens[i])  # type: ignore[index]
+                        n = int(num_speech_tokens[i]) - tail  # type: ignore[index]
                         ids += [self.tokenizer.pad_token_id] * n
                         speech += [True] * n
                     part_ids = self.text_ids(part, what=names[i]) if is_content else self._ids(part)
                     ids += part_ids
                     speech += [False] * len(part_ids)
+                if tail and len(parts) > 1:  # the end of the message that holds the clip
+                    ids += [self.tokenizer.pad_token_id] * tail
+                    speech += [True] * tail
             labels = [-100] * len(ids)
             starts.append(len(ids))
             if replies is not None:
@@ -445,8 +463,12 @@ class FrozenLLM:
                 raise PromptError("the batch has speech slots but no soft tokens were given")
             return embeds
         n = soft_tokens.shape[1]
-        valid = torch.arange(n, device=soft_tokens.device)[None, :] < soft_lengths[:, None]
-        flat = soft_tokens[valid].to(embeds.dtype)
+        if batch.soft_order is not None and any(o is not None for o in batch.soft_order):
+            rows = [soft_tokens[b, : int(soft_lengths[b])] for b in range(soft_tokens.shape[0])]
+            flat = torch.cat([r if o is None else r[torch.tensor(o, device=r.device)] for r, o in zip(rows, batch.soft_order)]).to(embeds.dtype)
+        else:
+            valid = torch.arange(n, device=soft_tokens.device)[None, :] < soft_lengths[:, None]
+            flat = soft_tokens[valid].to(embeds.dtype)
         if flat.shape[0] != int(batch.speech_mask.sum()):
             raise PromptError(
                 f"{int(batch.speech_mask.sum())} speech slots but {flat.shape[0]} soft tokens; "
@@ -688,8 +710,13 @@ class FrozenLLM:
         system: str | None = None,
         systems: Sequence[str | None] | None = None,
         padding_side: str = "left",
+        tail_speech_tokens: int = 0,
     ) -> PromptBatch:
         """Like :meth:`encode` for whole dialogues, each holding any number of ``<speech>`` placeholders.
+
+        ``tail_speech_tokens``: the last that many of each clip's slots go at the end of the turn that
+        holds the clip (after all its text; clips in order), as in :meth:`encode`; the batch's
+        ``soft_order`` then maps the clips' tokens (clip after clip) to those slots.
 
         A dialogue is a list of ``{"role": "user" | "assistant", "content": str}`` turns, alternating
         and ending with a user turn; the prompt ends where the assistant's next reply begins.
@@ -697,7 +724,7 @@ class FrozenLLM:
         order, across all turns). ``systems[i]`` (or ``system`` for all) overrides the default
         system prompt. A one-turn dialogue renders exactly as :meth:`encode` renders that prompt.
         """
-        rows, speech_rows = [], []
+        rows, speech_rows, orders = [], [], []
         for i, turns in enumerate(dialogues):
             turns = list(turns)
             if not turns or len(turns) % 2 == 0:
@@ -720,19 +747,31 @@ class FrozenLLM:
             slots = sum(len(re.findall(re.escape(SPEECH) + "|" + re.escape(marker), text)) for text, is_content in segments if is_content)
             if slots != len(counts):
                 raise PromptError(f"{where} has {slots} {SPEECH!r} placeholders but {len(counts)} clips")
-            ids, speech, k = [], [], 0
+            tails = [_tail_count(tail_speech_tokens, c, f"{where} clip {k}") for k, c in enumerate(counts)]
+            offsets = [sum(counts[:k]) for k in range(len(counts))]
+            ids, speech, k, order = [], [], 0, []
             for text, is_content in segments:
                 parts = re.split(re.escape(SPEECH) + "|" + re.escape(marker), text) if is_content else [text]
+                held = []
                 for j, part in enumerate(parts):
                     if j:
-                        ids += [self.tokenizer.pad_token_id] * counts[k]
-                        speech += [True] * counts[k]
+                        n = counts[k] - tails[k]
+                        ids += [self.tokenizer.pad_token_id] * n
+                        speech += [True] * n
+                        order += range(offsets[k], offsets[k] + n)
+                        held.append(k)
                         k += 1
                     part_ids = self.text_ids(part, what=where) if is_content else self._ids(part)
                     ids += part_ids
                     speech += [False] * len(part_ids)
+                for c in held:  # the end of the turn that holds these clips
+                    if tails[c]:
+                        ids += [self.tokenizer.pad_token_id] * tails[c]
+                        speech += [True] * tails[c]
+                        order += range(offsets[c] + counts[c] - tails[c], offsets[c] + counts[c])
             rows.append(ids)
             speech_rows.append(speech)
+            orders.append(None if order == list(range(len(order))) else order)
         width = max(len(r) for r in rows)
         b = len(rows)
         input_ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -746,4 +785,4 @@ class FrozenLLM:
             attention[i, sl] = 1
             speech_mask[i, sl] = torch.tensor(sp)
             starts.append(width if padding_side == "left" else n)
-        return PromptBatch(input_ids, attention, speech_mask, None, starts)
+        return PromptBatch(input_ids, attention, speech_mask, None, starts, orders if any(o is not None for o in orders) else None)

@@ -248,10 +248,12 @@ class AlignmentModule(L.LightningModule):
 
             if histories:
                 raise ConfigError("student histories cannot be combined with dialogue examples (their turns are the history)")
-            return dialogue_student_batch(self.llm, examples, soft, soft_lengths, batch["clip_counts"], replies, prompts=prompts, device=self.device)
+            return dialogue_student_batch(
+                self.llm, examples, soft, soft_lengths, batch["clip_counts"], replies, prompts=prompts, device=self.device, tail=self.adapter.tail_tokens
+            )
         return speech_inputs(
             self.llm, prompts, soft, soft_lengths, replies=replies, system=examples[0].system if examples else None,
-            histories=histories, sources=[f"utterance {ex.utt_id!r} ({ex.task}, {ex.audio})" for ex in examples],
+            histories=histories, sources=[f"utterance {ex.utt_id!r} ({ex.task}, {ex.audio})" for ex in examples], tail=self.adapter.tail_tokens,
         )
 
     def soft_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

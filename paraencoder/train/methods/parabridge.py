@@ -162,7 +162,8 @@ class ParaBridgeModule(AlignmentModule):
 
     def _forward_hidden(self, prompts, replies, system, soft, soft_lengths, histories=None):
         """Response-position hidden states ``[N, H]`` and targets ``[N]`` for prompts + replies."""
-        return reply_hidden(self.llm, speech_inputs(self.llm, prompts, soft, soft_lengths, replies=replies, system=system, histories=histories))
+        tail = self.adapter.tail_tokens if soft is not None else 0
+        return reply_hidden(self.llm, speech_inputs(self.llm, prompts, soft, soft_lengths, replies=replies, system=system, histories=histories, tail=tail))
 
     def student_hidden(self, examples, replies, soft, soft_lengths, histories=None):
         """Scaffold-free student view (differentiable in ``soft``)."""
@@ -189,7 +190,7 @@ class ParaBridgeModule(AlignmentModule):
         hp = self.hparams
         inputs = speech_inputs(
             self.llm, [ex.student_prompt for ex in examples], soft.detach(), soft_lengths, system=self._system(examples),
-            histories=histories, padding_side="left",
+            histories=histories, padding_side="left", tail=self.adapter.tail_tokens,
         )
         greedy = hp.rollout_temperature <= 0
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
