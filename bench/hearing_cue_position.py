@@ -1,6 +1,7 @@
 """Diagnostic: does the frozen LLM read the verbal cue better after the question than before it?
 
-No training. For a trained cue adapter, every reported clip is asked the trained phrasing and the
+No training. First, text only on the *training* bank (the cue sentence before vs after each naming
+question). Then, for a trained cue adapter, every reported clip is asked the trained phrasing and the
 unseen naming bank (the rotation of ``bench/hearing_eval.py``) three ways, in one run:
 
 * ``soft``: the adapter as trained (the cue's posterior mixed into word embeddings after the frames);
@@ -48,6 +49,32 @@ def cue_sentence(adapter, probs: dict[str, dict[str, float]]) -> str:
     return adapter.cue.template.format(**words)
 
 
+def text_check_on_training_bank(llm, template: str, max_new_tokens: int) -> dict:
+    """Text only, the *training* bank (what a setting may be chosen on): the cue sentence for each
+    emotion before vs after each naming question (multiple choice in its 4 option orders)."""
+    from paraencoder.labels import score_answer
+    from paraencoder.prompts import LABEL_WORDS, QUESTION_BANK, question_slots
+
+    out = {}
+    for q in QUESTION_BANK["emotion"]["train"]:
+        if q.form == "yesno":
+            continue
+        row = {}
+        for where in ("before", "after"):
+            prompts, labels = [], []
+            for label, word in LABEL_WORDS["emotion"].items():
+                for k in range(4 if q.form == "choice" else 1):
+                    text, cue = q.render(**question_slots(q, label, f"order{k}")), template.format(age_group="an adult", emotion=word)
+                    prompts.append(f"{cue}\n{text}" if where == "before" else f"{text}\n{cue}")
+                    labels.append(label)
+            replies = llm.generate_text(prompts, max_new_tokens=max_new_tokens)
+            row[where] = sum(score_answer("emotion", q.form, r, label)[1] for r, label in zip(replies, labels))
+        row["n"] = len(prompts)
+        out[q.text] = row
+        print(f"training bank, text only: {q.text[:50]!r}: cue before {row['before']}/{row['n']}, after {row['after']}/{row['n']}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from paraencoder.eval.phrasings import EVAL_BATCH_SIZE
 
@@ -59,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "hearing_cue_position.json")
+    parser.add_argument("--text-only", action="store_true", help="only the training-bank text check (kept next to earlier results in --out)")
     args = parser.parse_args(argv)
 
     import torch
@@ -74,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.adapter} has no verbal cue")
     sources = {"emotion": ("test_ravdess.jsonl", "emotion"), "age": ("test_speechocean.jsonl", "age_group")}
     results = {"adapter": str(args.adapter), "machine": machine_info(torch.device("cpu"))}
+    if args.text_only:
+        results = json.loads(args.out.read_text()) if args.out.is_file() else results
+    results["training_bank_text"] = text_check_on_training_bank(adapter.llm, adapter.cue.template, args.max_new_tokens)
+    if args.text_only:
+        atomic_write_json(args.out, results)
+        return 0
     for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
         file, field = sources[suite]
         utts = [u for u in load_manifest(args.data / file) if getattr(u, field)]

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=None, help="also write <suite>.json/.md/.png there (e.g. the run's eval/ for release)")
+    parser.add_argument("--cue-mix", choices=("soft", "hard"), default=None, help="evaluate the adapter's verbal cue with this mix instead of its own (paraencoder.model.cue)")
     args = parser.parse_args(argv)
 
     import torch
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"hearing_{args.name}.json"
     results = json.loads(out.read_text()) if out.is_file() and not args.redo else {}
     adapter = SpeechAdapter.from_pretrained(args.adapter)
+    if args.cue_mix:
+        if adapter.cue is None:
+            raise SystemExit(f"--cue-mix: {args.adapter} has no verbal cue")
+        adapter.cue.mix = args.cue_mix
     sources = {"emotion": ("test_ravdess.jsonl", "emotion"), "age": ("test_speechocean.jsonl", "age_group"), "gender": ("test_ravdess.jsonl", "gender")}
     if args.ceiling:
         from paraencoder.eval.phrasings import ask_bank

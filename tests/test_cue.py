@@ -303,3 +303,24 @@ def test_cue_at_the_end_of_a_dialogue_turn_follows_all_its_clips_in_order(tiny_l
     single = llm.encode(["<speech>\nWho?"], num_speech_tokens=[5], tail_speech_tokens=2, padding_side="left")
     one = llm.encode_dialogues([[{"role": "user", "content": "<speech>\nWho?"}]], num_speech_tokens=[[5]], tail_speech_tokens=2, padding_side="left")
     assert torch.equal(single.input_ids, one.input_ids) and torch.equal(single.speech_mask, one.speech_mask) and one.soft_order is None
+
+
+def test_hard_cue_writes_the_most_likely_class_exactly_and_passes_the_soft_gradient(tiny_llm_dir):
+    cue, llm = _bound(tiny_llm_dir)
+    table = llm.model.get_input_embeddings().weight.detach()
+
+    def embed(text):
+        return table[llm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    logits = {"emotion": torch.tensor([[0.0, 1.0, 0.9]], requires_grad=True), "age_group": torch.tensor([[0.2, 0.1]], requires_grad=True)}
+    soft = cue.tokens(logits)
+    cue.mix = "hard"
+    hard = cue.tokens(logits)
+    # Unsure between "s" and "h": the soft cue blends them, the hard one writes "s" and "c" exactly.
+    torch.testing.assert_close(hard[0], torch.cat([embed("(s"), embed("s"), embed(", t"), embed("c"), embed(".)")]))
+    assert not torch.allclose(soft, hard)
+    hard.sum().backward()  # straight-through: the classifier still learns from the LLM's loss
+    assert logits["emotion"].grad is not None and logits["emotion"].grad.abs().sum() > 0
+    assert check_cue_config({**CUE, "mix": "hard"})["mix"] == "hard"
+    with pytest.raises(ConfigError, match="mix"):
+        check_cue_config({**CUE, "mix": "sharp"})

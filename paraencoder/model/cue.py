@@ -28,6 +28,7 @@ from paraencoder.objectives.heads import class_ids
 
 POOLINGS = ("mean", "mean_std")
 POSITIONS = ("before", "after", "end")
+MIXES = ("soft", "hard")
 MAX_TEMPLATE_CHARS = 400
 MAX_CLASSES = 64
 
@@ -54,9 +55,9 @@ def check_cue_config(cue: dict, where: str = "model.cue") -> dict:
     """
     if not isinstance(cue, dict):
         raise ConfigError(f"{where} must be a mapping with 'template' and 'classes', got {type(cue).__name__}")
-    unknown = set(cue) - {"template", "classes", "pooling", "hidden_dim", "dropout", "position"}
+    unknown = set(cue) - {"template", "classes", "pooling", "hidden_dim", "dropout", "position", "mix"}
     if unknown:
-        raise ConfigError(f"{where} has unknown keys {sorted(unknown)}; allowed: template, classes, pooling, hidden_dim, dropout, position")
+        raise ConfigError(f"{where} has unknown keys {sorted(unknown)}; allowed: template, classes, pooling, hidden_dim, dropout, position, mix")
     template, classes = cue.get("template"), cue.get("classes")
     if not isinstance(template, str) or not 0 < len(template) <= MAX_TEMPLATE_CHARS:
         raise ConfigError(f"{where}.template must be a string of 1-{MAX_TEMPLATE_CHARS} characters with a {{slot}} per attribute")
@@ -90,7 +91,10 @@ def check_cue_config(cue: dict, where: str = "model.cue") -> dict:
             f"{where}.position={position!r}: choose 'before' (the cue, then the frame tokens), 'after' (frames, then the cue, "
             "next to the question) or 'end' (frames, the question, then the cue: the last thing the LLM reads before it answers)"
         )
-    return {"template": template, "classes": clean, "pooling": pooling, "hidden_dim": hidden, "dropout": float(dropout), "position": position}
+    mix = cue.get("mix", "soft")
+    if mix not in MIXES:
+        raise ConfigError(f"{where}.mix={mix!r}: choose 'soft' (the posterior blends the class words) or 'hard' (the most likely class's words)")
+    return {"template": template, "classes": clean, "pooling": pooling, "hidden_dim": hidden, "dropout": float(dropout), "position": position, "mix": mix}
 
 
 def pool_states(hidden_states: tuple[torch.Tensor, ...], lengths: torch.Tensor, layers: list[int], pooling: str) -> torch.Tensor:
@@ -124,15 +128,19 @@ class VerbalCue(nn.Module):
             ``"end"``: at the end of the user message that holds the clip, after the question (the
             adapter's :attr:`~paraencoder.model.adapter.SpeechAdapter.tail_tokens`; the LLM's
             :meth:`~paraencoder.model.llm.FrozenLLM.encode` reserves those slots there).
+        mix: ``"soft"``: each slot is the posterior-weighted blend of the class phrases' embeddings;
+            ``"hard"``: the most likely class's phrase exactly, the sentence a user would type (while
+            training, the gradient of the soft posterior passes through: straight-through).
+            An attribute: ``adapter.cue.mix = "hard"`` switches a trained adapter.
 
     :meth:`bind` (called when the adapter attaches its LLM) builds the embedding buffers;
     :meth:`set_standardisation` stores the training clips' feature mean/std (saved with the adapter).
     """
 
-    def __init__(self, in_dim: int, layers: list[int], template: str, classes: dict[str, dict[str, str]], *, pooling: str = "mean_std", hidden_dim: int = 0, dropout: float = 0.1, position: str = "before"):
+    def __init__(self, in_dim: int, layers: list[int], template: str, classes: dict[str, dict[str, str]], *, pooling: str = "mean_std", hidden_dim: int = 0, dropout: float = 0.1, position: str = "before", mix: str = "soft"):
         super().__init__()
-        cfg = check_cue_config({"template": template, "classes": classes, "pooling": pooling, "hidden_dim": hidden_dim, "dropout": dropout, "position": position})
-        self.template, self.classes, self.pooling, self.position = cfg["template"], cfg["classes"], cfg["pooling"], cfg["position"]
+        cfg = check_cue_config({"template": template, "classes": classes, "pooling": pooling, "hidden_dim": hidden_dim, "dropout": dropout, "position": position, "mix": mix})
+        self.template, self.classes, self.pooling, self.position, self.mix = cfg["template"], cfg["classes"], cfg["pooling"], cfg["position"], cfg["mix"]
         self.layers = list(layers)
         self.labels = {a: list(p) for a, p in self.classes.items()}
         self.feature_dim = len(self.layers) * in_dim * (2 if pooling == "mean_std" else 1)
@@ -154,7 +162,7 @@ class VerbalCue(nn.Module):
     def config(self) -> dict:
         first = next(iter(self.heads.values()))
         hidden = first[0].out_features if isinstance(first, nn.Sequential) else 0
-        return {"template": self.template, "classes": self.classes, "pooling": self.pooling, "hidden_dim": hidden, "dropout": self.dropout.p, "position": self.position}
+        return {"template": self.template, "classes": self.classes, "pooling": self.pooling, "hidden_dim": hidden, "dropout": self.dropout.p, "position": self.position, "mix": self.mix}
 
     # -- the LLM side -------------------------------------------------------------------------------
     def bind(self, tokenizer, embeddings: torch.Tensor) -> "VerbalCue":
@@ -222,8 +230,11 @@ class VerbalCue(nn.Module):
                 out.append(text[None].expand(batch, -1, -1))
             else:
                 slot = getattr(self, f"_slot_{piece}")  # [C, L, H]
-                probs = torch.softmax(logits[piece].float(), dim=-1).to(slot.dtype)
-                out.append(torch.einsum("bc,clh->blh", probs, slot))
+                probs = torch.softmax(logits[piece].float(), dim=-1)
+                if self.mix == "hard":  # the argmax's words; the soft posterior's gradient passes through
+                    hard = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+                    probs = hard + probs - probs.detach()
+                out.append(torch.einsum("bc,clh->blh", probs.to(slot.dtype), slot))
         return torch.cat(out, dim=1)
 
     def loss(self, logits: dict[str, torch.Tensor], labels: dict[str, list[str | None]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
