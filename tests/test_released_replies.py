@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from conftest import SHARED_DATA  # $PARAENCODER_SHARED_DATA or ../shared/data, like every other integration test
+
 PINNED = Path(__file__).with_name("data") / "released_replies.json"
 
 # (corpus, clip id, question): 4 emotions of the 4 held-out actors, 2 children + 2 adults among the

@@ -269,12 +269,12 @@ def demo(
     return 0
 
 
-
 def main(argv: list[str] | None = None) -> int:
     """``paraencoder demo ARGS`` from Python."""
     from paraencoder.apps.cli.signature import run
 
     return run(demo, argv, prog="paraencoder demo")
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
