@@ -285,6 +285,35 @@ def test_cue_at_the_end_is_read_after_the_question_in_generation_and_training(ti
         end.llm.encode(prompts, num_speech_tokens=[2, 2], tail_speech_tokens=3)
 
 
+def test_cue_both_after_the_frames_and_after_the_question_is_one_cue_read_twice(tiny_llm_dir, tiny_whisper_dir):
+    from paraencoder.model.forward import speech_inputs
+
+    torch.manual_seed(0)
+    both = SpeechAdapter.build(str(tiny_whisper_dir), str(tiny_llm_dir), stack=2, hidden_dim=32, cue={**CUE, "position": "both"}).eval()
+    after = SpeechAdapter.build(str(tiny_whisper_dir), str(tiny_llm_dir), stack=2, hidden_dim=32, cue={**CUE, "position": "after"}).eval()
+    after.load_state_dict(both.state_dict())
+    c = both.cue.num_tokens
+    assert both.tail_tokens == c and both.clip_tokens == (0, 2 * c) and both.num_summary_tokens == 2 * c
+    waves, lengths = torch.randn(2, 16000) * 0.1, torch.tensor([9000, 16000])
+    soft, n = both(waves, lengths)
+    soft_after, n_after = after(waves, lengths)
+    assert torch.equal(n, n_after + c)
+    prompts = ["<speech>\nHow does the speaker feel?", "<speech>\nWho speaks?"]
+    for side in ("right", "left"):
+        inputs = speech_inputs(both.llm, prompts, soft, n, tail=both.tail_tokens, padding_side=side)
+        for row in range(2):
+            # The frames and the cue of the "after" adapter at <speech>, the same cue again after the question.
+            frames_and_cue = soft_after[row, : int(n_after[row])]
+            cue = frames_and_cue[-c:]
+            ref = _reference_embeds(both.llm, prompts[row], frames_and_cue, cue)
+            mask = inputs.attention_mask[row].bool()
+            assert int(mask.sum()) == ref.shape[0]
+            torch.testing.assert_close(inputs.embeds[row][mask], ref)
+    assert check_cue_config({**CUE, "position": "both"})["position"] == "both"
+    with pytest.raises(ConfigError, match="'both'"):
+        check_cue_config({**CUE, "position": "twice"})
+
+
 def test_cue_at_the_end_of_a_dialogue_turn_follows_all_its_clips_in_order(tiny_llm_dir):
     from paraencoder.model.resolve import resolve_llm
 

@@ -179,16 +179,16 @@ class SpeechAdapter(nn.Module):
         """Clip-level soft tokens (not one per stretch of frames) in each clip's tokens: ``(before the frames, after them)``.
 
         Summary tokens and a cue placed ``"before"`` lead the frame tokens; one placed ``"after"`` or
-        ``"end"`` follows them. Long audio (:func:`paraencoder.model.dialogue.speech_tokens`) averages these over windows.
+        ``"end"`` follows them (``"both"``: two copies). Long audio (:func:`paraencoder.model.dialogue.speech_tokens`) averages these over windows.
         """
-        cue = self.cue.num_tokens if self.cue is not None else 0
-        after = cue if self.cue is not None and self.cue.position in ("after", "end") else 0
-        return (self.summary.num_tokens if self.summary is not None else 0) + cue - after, after
+        position, cue = (self.cue.position, self.cue.num_tokens) if self.cue is not None else (None, 0)
+        before = cue if position == "before" else 0
+        return (self.summary.num_tokens if self.summary is not None else 0) + before, (cue - before) * (2 if position == "both" else 1)
 
     @property
     def tail_tokens(self) -> int:
-        """How many of each clip's last soft tokens (a cue placed ``"end"``) the LLM reads after the question, not at ``<speech>``."""
-        return self.cue.num_tokens if self.cue is not None and self.cue.position == "end" else 0
+        """How many of each clip's last soft tokens (a cue placed ``"end"``, or ``"both"``'s second copy) the LLM reads after the question, not at ``<speech>``."""
+        return self.cue.num_tokens if self.cue is not None and self.cue.position in ("end", "both") else 0
 
     @property
     def num_summary_tokens(self) -> int:
@@ -212,7 +212,7 @@ class SpeechAdapter(nn.Module):
         """:meth:`project` plus the verbal cue's class logits (attribute → ``[B, C]``; empty without a cue).
 
         Each clip's tokens: summary tokens, the cue if ``"before"``, frame tokens, the cue if ``"after"``
-        or ``"end"`` (padding at the end); :attr:`clip_tokens`, :attr:`tail_tokens`.
+        or ``"end"`` (twice if ``"both"``; padding at the end); :attr:`clip_tokens`, :attr:`tail_tokens`.
         """
         frames = self.layer_select(hidden_states)
         tokens, lengths = self.projector(frames, frame_lengths)
@@ -222,10 +222,10 @@ class SpeechAdapter(nn.Module):
         if self.cue is not None:
             logits = self.cue.logits(hidden_states, frame_lengths)
             cue = self.cue.tokens(logits).to(tokens.dtype)
-            if self.cue.position in ("after", "end"):  # "end": encode() reserves their slots after the question
-                tokens, lengths = _append_per_row(tokens, lengths, cue)
-            else:
+            if self.cue.position == "before":
                 prefix.append(cue)
+            else:  # "end" (and "both"'s second copy): encode() reserves their slots after the question
+                tokens, lengths = _append_per_row(tokens, lengths, torch.cat([cue, cue], 1) if self.cue.position == "both" else cue)
         if not prefix:
             return tokens, lengths, logits
         prefix = torch.cat(prefix, dim=1)

@@ -8,8 +8,8 @@ class posterior mixes the LLM's *own input embeddings* of the class words into a
 
     "(The speaker is" [p(child)·E(" a child") + p(adult)·E(" an adult")] ", feeling" [Σ p(e)·E(" e")] ".)"
 
-spliced before or after the frame tokens, or at the end of the user's message, after the question
-(``position``). A confident clip reads as the sentence a user would have
+spliced before or after the frame tokens, at the end of the user's message after the question, or
+both after the frames and at the end (``position``). A confident clip reads as the sentence a user would have
 typed; an uncertain one as a blend of its candidates. Nothing of the LLM trains: the template and
 word embeddings are buffers derived from the LLM (never saved; its identity is checked on load),
 and the classifiers and their feature standardisation are the adapter's weights.
@@ -27,7 +27,7 @@ from paraencoder.errors import ConfigError
 from paraencoder.objectives.heads import class_ids
 
 POOLINGS = ("mean", "mean_std")
-POSITIONS = ("before", "after", "end")
+POSITIONS = ("before", "after", "end", "both")
 MIXES = ("soft", "hard")
 MAX_TEMPLATE_CHARS = 400
 MAX_CLASSES = 64
@@ -89,7 +89,8 @@ def check_cue_config(cue: dict, where: str = "model.cue") -> dict:
     if position not in POSITIONS:
         raise ConfigError(
             f"{where}.position={position!r}: choose 'before' (the cue, then the frame tokens), 'after' (frames, then the cue, "
-            "next to the question) or 'end' (frames, the question, then the cue: the last thing the LLM reads before it answers)"
+            "next to the question), 'end' (frames, the question, then the cue: the last thing the LLM reads before it answers) "
+            "or 'both' (the cue after the frames and again at the end)"
         )
     mix = cue.get("mix", "soft")
     if mix not in MIXES:
@@ -127,7 +128,8 @@ class VerbalCue(nn.Module):
         position: ``"before"`` the frame tokens, ``"after"`` them (right before the question text), or
             ``"end"``: at the end of the user message that holds the clip, after the question (the
             adapter's :attr:`~paraencoder.model.adapter.SpeechAdapter.tail_tokens`; the LLM's
-            :meth:`~paraencoder.model.llm.FrozenLLM.encode` reserves those slots there).
+            :meth:`~paraencoder.model.llm.FrozenLLM.encode` reserves those slots there); ``"both"``: after
+            the frames and the same tokens again at the end.
         mix: ``"soft"``: each slot is the posterior-weighted blend of the class phrases' embeddings;
             ``"hard"``: the most likely class's phrase exactly, the sentence a user would type (while
             training, the gradient of the soft posterior passes through: straight-through).
