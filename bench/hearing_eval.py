@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=None, help="also write <suite>.json/.md/.png there (e.g. the run's eval/ for release)")
     parser.add_argument("--cue-mix", choices=("soft", "hard"), default=None, help="evaluate the adapter's verbal cue with this mix instead of its own (paraencoder.model.cue)")
+    parser.add_argument("--results", type=Path, default=None, help="write the results JSON here instead of bench/results/hearing_<name>.json (e.g. a CV cell's own folder)")
     args = parser.parse_args(argv)
 
     import torch
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from paraencoder.io import atomic_write_json
     from paraencoder.train.learning_curve import stratified_sample
 
-    out = RESULTS / f"hearing_{args.name}.json"
+    out = args.results or RESULTS / f"hearing_{args.name}.json"
     results = json.loads(out.read_text()) if out.is_file() and not args.redo else {}
     adapter = SpeechAdapter.from_pretrained(args.adapter)
     if args.cue_mix:

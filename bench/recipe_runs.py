@@ -29,13 +29,14 @@ def _fingerprint(recipe: Path, manifest: Path, max_steps: int, overrides: Sequen
     return digest.hexdigest()
 
 
-def fit_recipe(recipe: str, out: Path, manifest: Path, max_steps: int, *, threads: int = 2, name: str | None = None, overrides: Sequence[str] = ()) -> dict:
-    """``paraencoder fit`` on ``recipes/<recipe>.yaml`` with ``max_steps``; returns wall time and the adapter path.
+def fit_recipe(recipe: str | Path, out: Path, manifest: Path, max_steps: int, *, threads: int = 2, name: str | None = None, overrides: Sequence[str] = ()) -> dict:
+    """``paraencoder fit`` on ``recipes/<recipe>.yaml`` (or a config file given as a ``Path``) with ``max_steps``; returns wall time and the adapter path.
 
     Runs in a subprocess so each recipe gets fresh memory and its own copy of the frozen LLM. A run
     already finished with identical inputs is returned from its ``run.json`` without training again.
     """
-    recipe_path = REPO / "recipes" / f"{recipe}.yaml"
+    recipe_path = recipe if isinstance(recipe, Path) else REPO / "recipes" / f"{recipe}.yaml"
+    recipe = recipe_path.stem
     if not recipe_path.is_file():
         raise SystemExit(f"recipe {recipe_path} not found; recipes: {', '.join(sorted(p.stem for p in (REPO / 'recipes').glob('*.yaml')))}")
     run_dir = out / (name or recipe)

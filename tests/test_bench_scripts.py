@@ -45,6 +45,15 @@ def test_finished_run_is_reused_and_a_changed_input_retrains(tmp_path, monkeypat
     manifest.write_text('{"id": "b", "audio": "b.wav"}\n')
     recipe_runs.fit_recipe("tiny", tmp_path, manifest, 6, name="row")  # other data
     assert len(calls) == 3
+    # A config file given as a path (bench/hearing_layout_cv.py's cells): trained from that file, reused the same way.
+    config = tmp_path / "cell.yaml"
+    config.write_text((REPO / "recipes" / "tiny.yaml").read_text())
+    recipe_runs.fit_recipe(config, tmp_path, manifest, 6, name="cell")
+    assert calls[-1][calls[-1].index("--config") + 1] == str(config)
+    recipe_runs.fit_recipe(config, tmp_path, manifest, 6, name="cell")
+    config.write_text(config.read_text() + "\n# changed\n")
+    recipe_runs.fit_recipe(config, tmp_path, manifest, 6, name="cell")
+    assert len(calls) == 5
     with pytest.raises(SystemExit, match="recipe .*nope.yaml not found"):
         recipe_runs.fit_recipe("nope", tmp_path, manifest, 5)
 
@@ -106,3 +115,85 @@ def test_qa_compare_rows_change_only_the_qa_data():
         assert overrides[overrides.index("--data.init_args.qa_mode") + 1] == {"neither": "none"}.get(name, name)
         assert ("qwen2.5-coder-1.5b-instruct" in overrides) == (name in ("implicit", "both"))
     assert row_recipe("implicit", "quickstart", None) == ("qa_implicit", [])
+
+
+def _training_speakers():
+    from paraencoder.data.manifest import Utterance
+
+    utts = [Utterance(id=f"r{a:02d}-{j}", audio=f"/x/r{a}-{j}.wav", speaker=f"{a:02d}", emotion="sad" if j else "happy") for a in range(1, 9) for j in range(2)]
+    utts += [Utterance(id=f"o{s}-{j}", audio=f"/x/o{s}-{j}.wav", speaker=f"9{s:03d}", age_group="child" if s % 2 else "adult") for s in range(8) for j in range(3)]
+    return utts
+
+
+def test_layout_cv_folds_hold_out_every_training_speaker_once():
+    from bench import hearing_layout_cv as cv
+
+    utts = _training_speakers()
+    folds = cv.make_folds(utts, 4)
+    held = [{u.speaker for u in f["test_ravdess"] + f["test_speechocean"]} for f in folds]
+    everyone = {u.speaker for u in utts}
+    assert set().union(*held) == everyone and sum(len(h) for h in held) == len(everyone)  # each speaker held out exactly once
+    for fold, h in zip(folds, held):
+        assert not {u.speaker for u in fold["train"]} & h  # speaker-disjoint
+        assert len(fold["train"]) + len(fold["test_ravdess"]) + len(fold["test_speechocean"]) == len(utts)
+        assert {u.age_group for u in fold["test_speechocean"]} == {"child", "adult"}  # dealt per age group
+    # RAVDESS in consecutive actor blocks (each keeps the male/female alternation of the corpus's actor numbers).
+    assert [sorted({u.speaker for u in f["test_ravdess"]}) for f in folds] == [["01", "02"], ["03", "04"], ["05", "06"], ["07", "08"]]
+    with pytest.raises(SystemExit, match="only 8 RAVDESS actors"):
+        cv.make_folds(utts, 9)
+
+
+def test_layout_cv_cell_config_sets_only_the_layout_seed_and_curve(tmp_path):
+    import yaml
+
+    from bench import hearing_layout_cv as cv
+
+    recipe = yaml.safe_load((REPO / "recipes" / "hearing.yaml").read_text())
+    before = json.dumps(recipe, sort_keys=True)
+    cfg = cv.cell_config(recipe, "both", 1, tmp_path / "f2", tmp_path / "cell")
+    assert json.dumps(recipe, sort_keys=True) == before  # the recipe itself is untouched
+    cue = cfg["model"]["init_args"]["cue"]
+    assert cue["position"] == "both" and cue["template"].startswith("\n(The speaker is") and cue["classes"] == recipe["model"]["init_args"]["cue"]["classes"]
+    assert cfg["seed_everything"] == 1 and cfg["data"]["init_args"]["seed"] == 1
+    curve = next(cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("HearingCurve"))["init_args"]
+    assert curve["manifests"] == {"emotion": str(tmp_path / "f2" / "test_ravdess.jsonl"), "age": str(tmp_path / "f2" / "test_speechocean.jsonl")}
+    assert yaml.safe_load(yaml.safe_dump(cfg))["model"]["init_args"]["cue"]["template"] == cue["template"]  # the newline survives the file
+
+
+def test_layout_cv_runs_each_cell_once_and_summarises_mean_and_sd(tmp_path, monkeypatch):
+    from bench import hearing_layout_cv as cv
+    from paraencoder.data.manifest import write_manifest
+
+    manifest = tmp_path / "train.jsonl"
+    write_manifest(manifest, _training_speakers())
+    fits, evals = [], []
+
+    def fake_fit(config, out, fold_manifest, steps, **kw):
+        fits.append(kw["name"])
+        return {"adapter": str(out / kw["name"] / "adapter")}
+
+    def fake_eval(cmd, **kw):
+        name, path = cmd[cmd.index("--name") + 1], Path(cmd[cmd.index("--results") + 1])
+        evals.append(name)
+        acc = {"after": 0.5, "both": 0.7}[name.split("_s")[0]] + 0.1 * int(name[-1])  # fold i adds 0.1 * i
+        ph = {"trained": {"accuracy": acc, "no_label": 0.0}, "unseen": {"accuracy": acc - 0.1, "no_label": 0.02}}
+        path.write_text(json.dumps({"emotion": {"metrics": {"phrasings": ph}}, "age": {"metrics": {"phrasings": ph}}}))
+
+    monkeypatch.setattr(cv.recipe_runs, "fit_recipe", fake_fit)
+    monkeypatch.setattr(cv.subprocess, "run", fake_eval)
+    results = tmp_path / "cv.json"
+    argv = ["--layouts", "after,both", "--seeds", "0", "--folds", "2", "--train-manifest", str(manifest), "--out", str(tmp_path / "cv"), "--results", str(results)]
+    assert cv.main(argv) == 0
+    assert fits == evals == ["after_s0_f0", "after_s0_f1", "both_s0_f0", "both_s0_f1"]
+    summary = json.loads(results.read_text())["summary"]
+    assert summary["both"]["cells"] == 2
+    assert summary["both"]["emotion/trained"]["mean"] == pytest.approx(0.75)  # (0.7 + 0.8) / 2
+    assert summary["both"]["emotion/trained"]["sd"] == pytest.approx(0.0707107, abs=1e-6)  # stdev of 0.7, 0.8
+    assert summary["after"]["emotion/unseen"]["mean"] == pytest.approx(0.45)
+    assert "| both | 2 | 75.0 ± 7.1 |" in results.with_suffix(".md").read_text()
+    config = (tmp_path / "cv" / "both_s0_f1" / "config.yaml").read_text()
+    mtime = (tmp_path / "cv" / "both_s0_f1" / "config.yaml").stat().st_mtime_ns
+    cv.main(argv)  # a rerun rewrites no config (the fit's fingerprint stays) and no fold manifest
+    assert (tmp_path / "cv" / "both_s0_f1" / "config.yaml").stat().st_mtime_ns == mtime and "position: both" in config
+    with pytest.raises(SystemExit, match="unknown"):
+        cv.main([*argv[:1], "sideways", *argv[2:]])
