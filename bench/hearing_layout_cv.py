@@ -31,14 +31,13 @@ sys.path.insert(0, str(REPO))
 
 from bench import recipe_runs  # noqa: E402
 
-CUE_SENTENCE = "(The speaker is {age_group}, feeling {emotion}.)"
 LAYOUTS = {
-    "after": {"position": "after", "template": CUE_SENTENCE},  # the released recipe
-    "end": {"position": "end", "template": "\n" + CUE_SENTENCE},
-    "end_plain": {"position": "end", "template": CUE_SENTENCE},
-    "both": {"position": "both", "template": "\n" + CUE_SENTENCE},
+    "after": {"position": "after", "newline": False},  # the released recipe
+    "end": {"position": "end", "newline": True},
+    "end_plain": {"position": "end", "newline": False},
+    "both": {"position": "both", "newline": True},
 }
-"""Cue layouts by name: ``model.cue.position`` and ``template`` (the rest of the recipe is unchanged)."""
+"""Cue layouts by name: ``model.cue.position``, and whether the recipe's cue sentence starts on its own line."""
 
 METRICS = ("emotion/trained", "emotion/unseen", "emotion/no_label_trained", "emotion/no_label_unseen", "age/trained", "age/unseen", "age/no_label_unseen")
 
@@ -71,21 +70,13 @@ def make_folds(utts: list, k: int, seed: int = 0) -> list[dict[str, list]]:
 
 
 def write_folds(folds: list[dict[str, list]], out: Path) -> list[Path]:
-    """Each fold's manifests under ``out/folds/f<i>/`` (rewritten only when their content changes)."""
+    """Each fold's manifests under ``out/folds/f<i>/`` (written atomically; a fit's fingerprint reads their content)."""
     from paraencoder.data.manifest import write_manifest
 
-    dirs = []
-    for i, fold in enumerate(folds):
-        d = out / "folds" / f"f{i}"
+    dirs = [out / "folds" / f"f{i}" for i in range(len(folds))]
+    for d, fold in zip(dirs, folds):
         for name, utts in fold.items():
-            path = d / f"{name}.jsonl"
-            fresh = d / f".{name}.new.jsonl"
-            write_manifest(fresh, utts)
-            if path.is_file() and path.read_bytes() == fresh.read_bytes():
-                fresh.unlink()
-            else:
-                fresh.replace(path)
-        dirs.append(d)
+            write_manifest(d / f"{name}.jsonl", utts)
     return dirs
 
 
@@ -96,7 +87,9 @@ def cell_config(recipe: dict, layout: str, seed: int, fold_dir: Path, cell_dir: 
     cfg = copy.deepcopy(recipe)
     cfg["seed_everything"] = seed
     cfg["data"]["init_args"]["seed"] = seed
-    cfg["model"]["init_args"]["cue"].update(LAYOUTS[layout])
+    cue, chosen = cfg["model"]["init_args"]["cue"], LAYOUTS[layout]
+    cue["position"] = chosen["position"]
+    cue["template"] = ("\n" if chosen["newline"] else "") + cue["template"].lstrip("\n")
     for cb in cfg["trainer"].get("callbacks") or []:
         if cb["class_path"].endswith("HearingCurve"):
             cb["init_args"]["manifests"] = {"emotion": str(fold_dir / "test_ravdess.jsonl"), "age": str(fold_dir / "test_speechocean.jsonl")}

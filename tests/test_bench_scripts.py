@@ -154,6 +154,9 @@ def test_layout_cv_cell_config_sets_only_the_layout_seed_and_curve(tmp_path):
     assert json.dumps(recipe, sort_keys=True) == before  # the recipe itself is untouched
     cue = cfg["model"]["init_args"]["cue"]
     assert cue["position"] == "both" and cue["template"].startswith("\n(The speaker is") and cue["classes"] == recipe["model"]["init_args"]["cue"]["classes"]
+    # The sentence is the recipe's own; only its leading newline follows the layout.
+    assert cv.cell_config(recipe, "after", 0, tmp_path, tmp_path)["model"]["init_args"]["cue"]["template"] == recipe["model"]["init_args"]["cue"]["template"]
+    assert cv.cell_config(cfg, "end_plain", 0, tmp_path, tmp_path)["model"]["init_args"]["cue"]["template"] == recipe["model"]["init_args"]["cue"]["template"]
     assert cfg["seed_everything"] == 1 and cfg["data"]["init_args"]["seed"] == 1
     curve = next(cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("HearingCurve"))["init_args"]
     assert curve["manifests"] == {"emotion": str(tmp_path / "f2" / "test_ravdess.jsonl"), "age": str(tmp_path / "f2" / "test_speechocean.jsonl")}
@@ -193,7 +196,7 @@ def test_layout_cv_runs_each_cell_once_and_summarises_mean_and_sd(tmp_path, monk
     assert "| both | 2 | 75.0 ± 7.1 |" in results.with_suffix(".md").read_text()
     config = (tmp_path / "cv" / "both_s0_f1" / "config.yaml").read_text()
     mtime = (tmp_path / "cv" / "both_s0_f1" / "config.yaml").stat().st_mtime_ns
-    cv.main(argv)  # a rerun rewrites no config (the fit's fingerprint stays) and no fold manifest
+    cv.main(argv)  # a rerun rewrites no config (the fit's fingerprint stays)
     assert (tmp_path / "cv" / "both_s0_f1" / "config.yaml").stat().st_mtime_ns == mtime and "position: both" in config
     with pytest.raises(SystemExit, match="unknown"):
         cv.main([*argv[:1], "sideways", *argv[2:]])

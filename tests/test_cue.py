@@ -355,16 +355,18 @@ def test_hard_cue_writes_the_most_likely_class_exactly_and_passes_the_soft_gradi
         check_cue_config({**CUE, "mix": "sharp"})
 
 
-def test_an_end_hard_cue_adapter_reloads_with_its_layout_and_replies(tmp_path, tiny_llm_dir, tiny_whisper_dir):
+@pytest.mark.parametrize("position", ["end", "both"])
+def test_an_end_hard_cue_adapter_reloads_with_its_layout_and_replies(tmp_path, tiny_llm_dir, tiny_whisper_dir, position):
     torch.manual_seed(0)
-    adapter = SpeechAdapter.build(str(tiny_whisper_dir), str(tiny_llm_dir), stack=2, hidden_dim=32, cue={**CUE, "position": "end", "mix": "hard"}).eval()
+    adapter = SpeechAdapter.build(str(tiny_whisper_dir), str(tiny_llm_dir), stack=2, hidden_dim=32, cue={**CUE, "position": position, "mix": "hard"}).eval()
     with torch.no_grad():
         adapter.cue.feature_mean.normal_()
     adapter.save_pretrained(tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert config["cue"]["position"] == "end" and config["cue"]["mix"] == "hard"
+    assert config["cue"]["position"] == position and config["cue"]["mix"] == "hard"
     loaded = SpeechAdapter.from_pretrained(tmp_path / "ad", llm=adapter.llm)
     assert loaded.tail_tokens == adapter.tail_tokens == adapter.cue.num_tokens and loaded.cue.mix == "hard"
+    assert loaded.clip_tokens == adapter.clip_tokens
     clips = [(torch.randn(12000) * 0.1).numpy(), (torch.randn(16000) * 0.1).numpy()]
     prompts = ["<speech>\nHow does the speaker feel?", "<speech>\nWho speaks?"]
     assert loaded.generate(clips, prompts, sample_rate=16000, max_new_tokens=4) == adapter.generate(clips, prompts, sample_rate=16000, max_new_tokens=4)
