@@ -159,6 +159,8 @@ _PREMISES = {
     "age_group": "This was said by {word}, so the speaker is {word}. ",
     "gender": "A {word} speaker said this, so the speaker is {word}. ",
 }
+PREMISE_POSITIONS = ("before", "after")
+"""Where the teacher's premise goes: before the question (the original layout) or on its own line after it."""
 CHOICE_ORDERS = 4
 """Multiple-choice questions list the classes in one of this many fixed orders (position is no cue)."""
 
@@ -188,10 +190,19 @@ class Question:
     def student(self, **slots) -> str:
         return f"{SPEECH}\n{self.render(**slots)}"
 
-    def teacher(self, label: str, **slots) -> str:
-        """The teacher's prompt: the attribute stated as a premise, then the same question."""
+    def teacher(self, label: str, *, premise: str = "before", **slots) -> str:
+        """The teacher's prompt: the attribute stated as a premise and the same question.
+
+        ``premise="after"`` writes the premise on its own line after the question: a small LLM
+        answers from what it read last (it picks from a list far more often when told afterwards).
+        """
         word = LABEL_WORDS[self.attribute].get(label, label)
-        return _PREMISES[self.attribute].format(word=word) + self.render(**slots)
+        stated = _PREMISES[self.attribute].format(word=word)
+        if premise == "before":
+            return stated + self.render(**slots)
+        if premise == "after":
+            return f"{self.render(**slots)}\n{stated.strip()}"
+        raise PromptError(f"teacher premise position {premise!r}: choose one of {PREMISE_POSITIONS}")
 
 
 def _bank(attribute: str, items: list[tuple[str, str]]) -> tuple[Question, ...]:

@@ -200,3 +200,26 @@ def test_layout_cv_runs_each_cell_once_and_summarises_mean_and_sd(tmp_path, monk
     assert (tmp_path / "cv" / "both_s0_f1" / "config.yaml").stat().st_mtime_ns == mtime and "position: both" in config
     with pytest.raises(SystemExit, match="unknown"):
         cv.main([*argv[:1], "sideways", *argv[2:]])
+
+
+def test_teacher_premise_counts_kept_and_hedged_replies_per_format():
+    from bench.hearing_teacher_premise import count_kept
+    from paraencoder.data.dataset import AlignmentExample
+
+    def ex(form, label, reply, candidate=None):
+        q = {"attribute": "emotion", "form": form, "text": "?", "candidate": candidate}
+        return AlignmentExample("u", "a.wav", 0.0, None, f"emotion/{form}", "<speech>\n?", "?", reply=reply, labels={"emotion": label}, question=q)
+
+    counts = count_kept([
+        ex("word", "sad", "The speaker is feeling sad."),
+        ex("word", "sad", "The speaker is feeling happy."),
+        ex("sentence", "sad", "The speaker is feeling a mix of sad and calm, mostly sad."),  # kept: sad in the first clause, hedged
+        ex("choice", "angry", "The speaker expresses a mix of emotions, but the most suitable choice is angry."),  # angry only after the comma: dropped
+        ex("yesno", "sad", "Yes, the speaker is sad.", candidate="sad"),
+    ])
+    assert counts == {
+        "emotion/choice": {"examples": 1, "kept": 0, "hedged": 0},
+        "emotion/sentence": {"examples": 1, "kept": 1, "hedged": 1},
+        "emotion/word": {"examples": 2, "kept": 1, "hedged": 0},
+        "emotion/yesno": {"examples": 1, "kept": 1, "hedged": 0},
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -209,6 +210,34 @@ def test_bank_examples_and_teacher_filter(toy_corpus):
         ex.reply = "I do not know."
     with pytest.raises(ConfigError, match="none of the"):
         filter_teacher_answers(examples)
+
+
+def test_teacher_premise_after_the_question_changes_only_the_teacher_prompt(toy_corpus):
+    q = Question("emotion", "Which emotion: {options}?", "choice")
+    order = ["sad", "happy"]
+    before, after = q.teacher("sad", order=order), q.teacher("sad", premise="after", order=order)
+    assert before == "The speaker said something in a sad voice, so the speaker is feeling sad. Which emotion: sad, happy?"
+    assert after == "Which emotion: sad, happy?\nThe speaker said something in a sad voice, so the speaker is feeling sad."
+    with pytest.raises(PromptError, match="before.*after"):
+        q.teacher("sad", premise="middle")
+    utts = load_manifest(toy_corpus / "manifest.jsonl")
+    a, b = bank_examples(utts, ["emotion"], per_item=2, seed=0), bank_examples(utts, ["emotion"], per_item=2, seed=0, premise="after")
+    assert [(x.student_prompt, x.question) for x in a] == [(y.student_prompt, y.question) for y in b]
+    for x, y in zip(a, b):
+        stated = x.teacher_prompt[: x.teacher_prompt.index(". ") + 1]  # the premise's one sentence
+        assert y.teacher_prompt == x.teacher_prompt[len(stated) + 1 :] + "\n" + stated
+    with pytest.raises(ConfigError, match="data.teacher_premise='last'.*before or after"):
+        AlignmentData(train_manifest=str(toy_corpus / "manifest.jsonl"), teacher_premise="last")
+    with pytest.raises(ConfigError, match="data.teacher_premise.emotion='end'"):
+        AlignmentData(train_manifest=str(toy_corpus / "manifest.jsonl"), teacher_premise={"emotion": "end"})
+    with pytest.raises(ConfigError, match="data.teacher_premise.mood: 'mood' is not a speaker attribute"):
+        AlignmentData(train_manifest=str(toy_corpus / "manifest.jsonl"), teacher_premise={"mood": "after"})
+    # Per attribute: the one named moves, the others keep the original layout.
+    aged = [dataclasses.replace(u, age_group="child") for u in utts]
+    both = bank_examples(aged, ["emotion", "age_group"], per_item=1, seed=0, premise={"emotion": "after"})
+    assert {ex.question["attribute"] for ex in both} == {"emotion", "age_group"}
+    for ex in both:
+        assert ex.teacher_prompt.startswith(("The speaker said", "This was said")) == (ex.question["attribute"] == "age_group")
 
 
 class _SamplingTeacher:

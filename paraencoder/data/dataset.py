@@ -9,7 +9,7 @@ side, where the adapter says how many soft tokens each clip becomes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -79,8 +79,13 @@ TASK_ATTRIBUTES = {"emotion": "emotion", "age": "age_group", "gender": "gender"}
 """Alignment tasks that ask about a speaker attribute, and the label field each one asks about."""
 
 
-def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: int, system: str | None = None, seed: int = 0, split: str = "train") -> list[AlignmentExample]:
+def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: int, system: str | None = None, seed: int = 0, split: str = "train", premise: str | Mapping[str, str] = "before") -> list[AlignmentExample]:
     """``per_item`` examples per (utterance, attribute), each with a phrasing of the question bank.
+
+    ``premise`` places the teacher's stated attribute before or after the question
+    (:meth:`~paraencoder.prompts.Question.teacher`), for every attribute or per attribute
+    (``{"emotion": "after"}``; an attribute not named keeps ``"before"``); the student prompt is the
+    same either way.
 
     Phrasings are drawn without replacement per item, deterministically from ``(seed, utterance id)``,
     so every phrasing and answer format of :data:`~paraencoder.prompts.QUESTION_BANK` is seen across
@@ -106,7 +111,8 @@ def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: 
             for q in rng.sample(list(bank), min(per_item, len(bank))):
                 slots = question_slots(q, label, f"{seed}|{utt.id}")
                 question = {"attribute": attr, "form": q.form, "text": q.text, "candidate": slots.get("candidate")}
-                examples.append(AlignmentExample.of(utt, f"{attr}/{q.form}", q.student(**slots), q.teacher(label, **slots), system=system, question=question))
+                where = premise if isinstance(premise, str) else premise.get(attr, "before")
+                examples.append(AlignmentExample.of(utt, f"{attr}/{q.form}", q.student(**slots), q.teacher(label, premise=where, **slots), system=system, question=question))
     return examples
 
 

@@ -163,6 +163,11 @@ class AlignmentData(L.LightningDataModule):
             prompt (:func:`resample_teacher_answers`; ``0``: off). The greedy 135M teacher gets
             most multiple-choice answers wrong, so without it the student hardly sees that format.
         teacher_resample_temperature: sampling temperature of those replies.
+        teacher_premise: where the teacher's stated attribute goes in question-bank prompts:
+            ``"before"`` the question (the original layout) or ``"after"`` it, on its own line;
+            one position for all attributes or a mapping per attribute (``{emotion: after}``; an
+            attribute not named keeps ``before``). ``bench/hearing_teacher_premise.py`` counts, on
+            the training bank, how many teacher replies each position gets right.
         system_prompt: system message of the teacher prompts (linked from ``model.system_prompt``;
             ``None`` = the model's, when a trainer attaches one, else the template's default).
         bad_items: what to do with manifest items that cannot be trained on (schema errors, missing,
@@ -202,6 +207,7 @@ class AlignmentData(L.LightningDataModule):
         filter_teacher: bool = True,
         teacher_resample: int = 0,
         teacher_resample_temperature: float = 1.0,
+        teacher_premise: str | dict[str, str] = "before",
         system_prompt: str | None = None,
         bad_items: str = "fail",
         bad_items_report: str | None = None,
@@ -211,6 +217,16 @@ class AlignmentData(L.LightningDataModule):
         super().__init__()
         if bad_items not in ("fail", "skip", "off"):
             raise ConfigError(f"data.bad_items={bad_items!r}; choose fail (stop on the first bad item), skip (train without them, listed in a report) or off")
+        from paraencoder.prompts import PREMISE_POSITIONS
+
+        from paraencoder.data.dataset import TASK_ATTRIBUTES
+
+        for attr, where in ({"": teacher_premise} if isinstance(teacher_premise, str) else dict(teacher_premise)).items():
+            field = "data.teacher_premise" + (f".{attr}" if attr else "")
+            if attr and attr not in TASK_ATTRIBUTES.values():
+                raise ConfigError(f"{field}: {attr!r} is not a speaker attribute; name one of {sorted(TASK_ATTRIBUTES.values())}")
+            if where not in PREMISE_POSITIONS:
+                raise ConfigError(f"{field}={where!r}; choose {' or '.join(PREMISE_POSITIONS)} (where the teacher is told the attribute, relative to the question)")
         self.save_hyperparameters()
         self.train_set: AlignmentDataset | None = None
         self.train_utterances: list | None = None  # the training manifest's clips, kept by setup() for clip_examples()
@@ -234,7 +250,7 @@ class AlignmentData(L.LightningDataModule):
         if banked:
             from paraencoder.data.dataset import bank_examples
 
-            examples += bank_examples(utts, banked, per_item=self.hparams.questions_per_item, seed=self.hparams.seed)
+            examples += bank_examples(utts, banked, per_item=self.hparams.questions_per_item, seed=self.hparams.seed, premise=self.hparams.get("teacher_premise", "before"))
         # Explicit metadata examples ask every task's own question, banked attributes included.
         examples += self._qa_examples(utts, all_tasks)
         if self.hparams.max_examples:
