@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most this many clips per suite (class-stratified)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--ceiling", action="store_true", help="only the stated-cue ceiling per held-out phrasing (text, no audio) -> hearing_<name>.json")
+    parser.add_argument("--premise", choices=["before", "after"], default="before", help="with --ceiling: state the label before or after the question (data.teacher_premise)")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=None, help="also write <suite>.json/.md/.png there (e.g. the run's eval/ for release)")
@@ -90,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
             file, field = sources[suite]
             utts = [u for u in load_manifest(args.data / file) if getattr(u, field)]
-            res = ask_bank(adapter, utts, field, "eval", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stated=True)
+            res = ask_bank(adapter, utts, field, "eval", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stated=True, premise=args.premise)
             res.pop("rows")
-            results[suite] = {"unseen_stated": res}
+            results[suite] = {"unseen_stated": res, "premise": args.premise}
             print(f"{suite}: stated-cue ceiling on held-out naming phrasings {res['accuracy']:.3f} (no label {res['no_label']:.3f}); per phrasing {json.dumps(res['per_phrasing'])}", flush=True)
         atomic_write_json(out, results)
         return 0

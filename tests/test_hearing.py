@@ -447,3 +447,26 @@ def test_ask_bank_rotates_phrasings_scores_replies_and_applies_the_prompt_hook(t
     assert [r["question"] for r in sorted(res["rows"], key=lambda r: [u.id for u in utts].index(r["id"]))] == [naming[i % len(naming)] for i in range(len(utts))]
     expected = sum(1 for i, u in enumerate(utts) if i % 2 == 0 or u.emotion == "surprised") / len(utts)
     assert res["accuracy"] == pytest.approx(expected) and res["no_label"] == 0.0
+
+
+@pytest.mark.parametrize("premise", ["before", "after"])
+def test_stated_ceiling_asks_the_llm_the_teacher_prompt_with_the_premise_where_asked(toy_corpus, premise):
+    """``stated=True`` sends the text prompt (premise before or after the question) to the frozen LLM, no audio."""
+    from paraencoder.eval.phrasings import ask_bank
+
+    utts = [u for u in load_manifest(toy_corpus / "manifest.jsonl") if u.emotion]
+    asked = []
+
+    class LLM:  # answers with the emotion its premise states
+        def generate_text(self, prompts, **kw):
+            asked.extend(prompts)
+            return [f"The speaker is {'happy' if 'happy voice' in p else 'sad'}." for p in prompts]
+
+    class TextOnly:
+        llm = LLM()
+
+    res = ask_bank(TextOnly(), utts, "emotion", "eval", stated=True, premise=premise)
+    assert len(asked) == len(utts) and res["accuracy"] == 1.0
+    for p in asked:
+        assert "<speech>" not in p and p.startswith("The speaker said") == (premise == "before")
+        assert p.endswith("is feeling happy." if "happy voice" in p else "is feeling sad.") == (premise == "after")

@@ -16,7 +16,7 @@ batch 32 beat 8, 16 and 64 on the 2-core CPU)."""
 __all__ = ["ask_bank"]
 
 
-def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = EVAL_BATCH_SIZE, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False, stated: bool = False, prompt_hook=None) -> dict:
+def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens: int = 24, batch_size: int = EVAL_BATCH_SIZE, forms: tuple[str, ...] = ("word", "sentence", "open", "choice"), seed: int = 0, progress: bool = False, stated: bool = False, premise: str = "before", prompt_hook=None) -> dict:
     """Ask each clip one question of ``QUESTION_BANK[attribute][split]`` (rotating phrasings); parsed accuracy.
 
     ``split="trained"`` asks the original fixed phrasing only. Returns ``{"accuracy", "no_label", "n",
@@ -24,7 +24,8 @@ def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens:
     naming formats by default; yes/no separately (its chance level is 50%, not 1/classes).
     ``stated=True`` asks the adapter's frozen LLM the same questions as *text* with the label stated
     (the teacher's premise, no audio): what this LLM answers when it is told, per phrasing - the
-    ceiling a speech adapter can reach with it. ``prompt_hook(clip index, student prompt) -> prompt``
+    ceiling a speech adapter can reach with it; ``premise`` says where the label is stated
+    (:meth:`~paraencoder.prompts.Question.teacher`). ``prompt_hook(clip index, student prompt) -> prompt``
     rewrites each clip's prompt before it is asked (diagnostics, e.g. ``bench/hearing_cue_position.py``).
     """
     from paraencoder.audio import SAMPLE_RATE, load_audio
@@ -51,7 +52,7 @@ def ask_bank(adapter, utts: list, attribute: str, split: str, *, max_new_tokens:
     for start in range(0, len(asks), batch_size):
         chunk = asks[start : start + batch_size]
         if stated:
-            prompts = [q.teacher(getattr(utts[i], attribute), **slots) for i, q, slots, _ in chunk]
+            prompts = [q.teacher(getattr(utts[i], attribute), premise=premise, **slots) for i, q, slots, _ in chunk]
             replies = adapter.llm.generate_text(prompts, max_new_tokens=max_new_tokens)
         else:
             waves = [load_audio(utts[i].audio, offset=utts[i].offset or 0.0, duration=utts[i].duration) for i, _, _, _ in chunk]
