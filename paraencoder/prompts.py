@@ -8,8 +8,9 @@ student must reproduce from speech alone. ``{cue}`` is rendered from the utteran
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
-from paraencoder.errors import PromptError
+from paraencoder.errors import ConfigError, PromptError
 from paraencoder.model.llm import SPEECH
 
 # How an emotion label is stated to the teacher ("said in a sad, trembling voice").
@@ -161,6 +162,20 @@ _PREMISES = {
 }
 PREMISE_POSITIONS = ("before", "after")
 """Where the teacher's premise goes: before the question (the original layout) or on its own line after it."""
+
+
+def teacher_premises(premise: str | Mapping[str, str], where: str = "teacher_premise") -> dict[str, str]:
+    """Where the teacher's premise goes, per attribute: one position for all, or ``{attribute: position}``
+    (an attribute not named keeps ``"before"``). Raises :class:`ConfigError` naming ``where`` (the
+    config field) and the choices for an unknown attribute or position."""
+    named = {attr: premise for attr in _PREMISES} if isinstance(premise, str) else dict(premise)
+    for attr, position in named.items():
+        field = where if isinstance(premise, str) else f"{where}.{attr}"
+        if attr not in _PREMISES:
+            raise ConfigError(f"{field}: {attr!r} is not a speaker attribute; name one of {sorted(_PREMISES)}")
+        if position not in PREMISE_POSITIONS:
+            raise ConfigError(f"{field}={position!r}; choose {' or '.join(PREMISE_POSITIONS)} (where the teacher is told the attribute, relative to the question)")
+    return {attr: named.get(attr, "before") for attr in _PREMISES}
 CHOICE_ORDERS = 4
 """Multiple-choice questions list the classes in one of this many fixed orders (position is no cue)."""
 

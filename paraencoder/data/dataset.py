@@ -94,7 +94,9 @@ def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: 
     import hashlib
     import random
 
-    from paraencoder.prompts import QUESTION_BANK, question_slots
+    from paraencoder.prompts import QUESTION_BANK, question_slots, teacher_premises
+
+    premises = teacher_premises(premise, "premise")
 
     examples = []
     for utt in utterances:
@@ -111,8 +113,7 @@ def bank_examples(utterances: Sequence, attributes: Sequence[str], *, per_item: 
             for q in rng.sample(list(bank), min(per_item, len(bank))):
                 slots = question_slots(q, label, f"{seed}|{utt.id}")
                 question = {"attribute": attr, "form": q.form, "text": q.text, "candidate": slots.get("candidate")}
-                where = premise if isinstance(premise, str) else premise.get(attr, "before")
-                examples.append(AlignmentExample.of(utt, f"{attr}/{q.form}", q.student(**slots), q.teacher(label, premise=where, **slots), system=system, question=question))
+                examples.append(AlignmentExample.of(utt, f"{attr}/{q.form}", q.student(**slots), q.teacher(label, premise=premises[attr], **slots), system=system, question=question))
     return examples
 
 

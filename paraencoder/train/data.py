@@ -217,16 +217,9 @@ class AlignmentData(L.LightningDataModule):
         super().__init__()
         if bad_items not in ("fail", "skip", "off"):
             raise ConfigError(f"data.bad_items={bad_items!r}; choose fail (stop on the first bad item), skip (train without them, listed in a report) or off")
-        from paraencoder.prompts import PREMISE_POSITIONS
+        from paraencoder.prompts import teacher_premises
 
-        from paraencoder.data.dataset import TASK_ATTRIBUTES
-
-        for attr, where in ({"": teacher_premise} if isinstance(teacher_premise, str) else dict(teacher_premise)).items():
-            field = "data.teacher_premise" + (f".{attr}" if attr else "")
-            if attr and attr not in TASK_ATTRIBUTES.values():
-                raise ConfigError(f"{field}: {attr!r} is not a speaker attribute; name one of {sorted(TASK_ATTRIBUTES.values())}")
-            if where not in PREMISE_POSITIONS:
-                raise ConfigError(f"{field}={where!r}; choose {' or '.join(PREMISE_POSITIONS)} (where the teacher is told the attribute, relative to the question)")
+        teacher_premises(teacher_premise, "data.teacher_premise")  # a bad value fails here, before any model loads
         self.save_hyperparameters()
         self.train_set: AlignmentDataset | None = None
         self.train_utterances: list | None = None  # the training manifest's clips, kept by setup() for clip_examples()
