@@ -12,6 +12,9 @@ adding one change to the one above:
     + speech tokens reused     each clip encoded once for all its questions (SpeechAdapter.reusing_speech_tokens)
     model.generate, batch 32   the batch change alone
     teacher: model.generate at batch 64 (recipes/hearing.yaml), + greedy loop, + prefix, + batch 256
+    + tcmalloc                 the default eval and teacher rows again in a child process with tcmalloc
+                               preloaded, as the `paraencoder` command runs where the machine has it
+                               (paraencoder.allocator); today's rows keep glibc's malloc
 
 Each row reports clips/s, generated tokens/s and how many replies are byte-identical to today's.
 
@@ -50,6 +53,33 @@ def held_out_clips(count: int) -> list[dict]:
     return [rows[int(i)] for i in sorted(rng.choice(len(rows), size=min(count, len(rows)), replace=False))]
 
 
+def tcmalloc_rows(args, references: dict[str, list[str]]) -> list[dict]:
+    """The default eval and teacher rows again in a child process with tcmalloc preloaded ([] where there is none)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from paraencoder.allocator import find_tcmalloc, loaded, preload_env
+
+    library = find_tcmalloc()
+    if library is None or loaded():
+        print("[tcmalloc] not run: " + ("no tcmalloc library on this machine" if library is None else "this process has it already"), file=sys.stderr)
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, __file__, "--defaults-only", "--no-tcmalloc", "--adapter", args.adapter, "--clips", str(args.clips),
+               "--teacher-prompts", str(args.teacher_prompts), "--threads", str(args.threads), "--json", str(out)]
+        print(f"[tcmalloc] default rows with LD_PRELOAD={library} ...", file=sys.stderr, flush=True)
+        subprocess.run(cmd, env=preload_env(library, os.environ), check=True)
+        rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        r["stage"] = ("teacher " if r["kind"] == "teacher" else "") + "+ tcmalloc (the `paraencoder` command's allocator)"
+        ref = references[r["kind"]]
+        r["identical_to_today"] = sum(a == b for a, b in zip(r["replies"], ref)) / len(r["replies"])
+        r["allocator"] = library
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default=str(common.REPO / "checkpoints" / "hearing-whisper-base-smollm2"))
@@ -57,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-prompts", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=str(common.RESULTS / "eval_throughput.json"))
+    parser.add_argument("--defaults-only", action="store_true", help="only the default eval and teacher rows, replies kept (the tcmalloc child)")
+    parser.add_argument("--no-tcmalloc", action="store_true", help="skip the tcmalloc rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -99,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         ("+ speech tokens reused across questions (default)", 32, True, True, True),
         ("model.generate, batch 32 (the batch alone)", 32, False, False, False),
     ]
+    if args.defaults_only:
+        settings = [s for s in settings if "(default)" in s[0]]
     for name, batch, fast, prefix, reuse in settings:
         print(f"[eval] {name} ...", file=sys.stderr, flush=True)
         replies, seconds, tokens = evaluate(batch, fast, prefix, reuse)
         reference = reference or replies
         rows.append({"stage": name, "kind": "eval", "batch": batch, "items": len(replies), "seconds": seconds, "items_per_s": len(replies) / seconds,
-                     "generated_tokens_per_s": tokens / seconds, "identical_to_today": sum(a == b for a, b in zip(replies, reference)) / len(replies)})
+                     "generated_tokens_per_s": tokens / seconds, "identical_to_today": sum(a == b for a, b in zip(replies, reference)) / len(replies),
+                     "replies": replies})
 
     # Teacher replies: text prompts with the stated emotion, as the recipe renders them.
     task = get_tasks(["emotion"])[0]
@@ -117,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         ("teacher + shared prefix from the cache", 64, True, True),
         ("teacher + batch 256", 256, True, True),
     ]
+    if args.defaults_only:
+        teacher_settings = teacher_settings[-1:]
     for name, batch, fast, prefix in teacher_settings:
         print(f"[teacher] {name} ...", file=sys.stderr, flush=True)
         configure(fast, prefix)
@@ -129,12 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         teacher_ref = teacher_ref or replies
         tokens = sum(len(llm.tokenizer(r, add_special_tokens=False).input_ids) + 1 for r in replies)
         rows.append({"stage": name, "kind": "teacher", "batch": batch, "items": len(replies), "seconds": seconds, "items_per_s": len(replies) / seconds,
-                     "generated_tokens_per_s": tokens / seconds, "identical_to_today": sum(a == b for a, b in zip(replies, teacher_ref)) / len(replies)})
+                     "generated_tokens_per_s": tokens / seconds, "identical_to_today": sum(a == b for a, b in zip(replies, teacher_ref)) / len(replies),
+                     "replies": replies})
 
+    if args.defaults_only:
+        common.write_json(args.json, {"rows": rows})
+        return 0
+    if not args.no_tcmalloc:
+        rows += tcmalloc_rows(args, {"eval": reference, "teacher": teacher_ref})
+
+    rows.sort(key=lambda r: r["kind"] != "eval")  # stable: each kind's rows in the order they ran
     for kind in ("eval", "teacher"):
         group = [r for r in rows if r["kind"] == kind]
         for r in group:
             r["speedup_vs_today"] = group[0]["seconds"] / r["seconds"]
+            r.pop("replies", None)
     eval_rows = [r for r in rows if r["kind"] == "eval"]
     result = {
         "machine": common.machine_info(torch.device("cpu")), "threads": args.threads, "adapter": Path(args.adapter).name,

@@ -11,6 +11,8 @@ teacher's reply, frozen encoder with its output cache, length-bucketed batch 8):
        + shared-prefix KV cache      (system prompt + chat header run once, reused: FrozenLLM.shared_prefix)
        + frozen LLM in bf16 autocast (kept only where it wins: paraencoder.backbones.precision decides by measuring)
        [+ torch.compile]             (--compile)
+       + tcmalloc                    (the fast step in a child process with tcmalloc preloaded, as the
+                                      `paraencoder` command runs where the machine has it)
        threads rows                  (1 intra-op thread; 2 threads + a data worker competing)
    with model FLOP/s per row (the full prompt's FLOPs for every row, MFU-style: work a cache avoids
    counts as done) as a fraction of the measured fp32 and bf16 peaks.
@@ -75,6 +77,29 @@ def peak_table(module, batch_tokens: int, reply_tokens: int, seconds: float) -> 
     return rows
 
 
+def tcmalloc_row(args) -> list[dict]:
+    """The fast step again in a child process with tcmalloc preloaded, as the `paraencoder` command runs ([] without one)."""
+    import json
+    import os
+    import subprocess
+
+    from paraencoder.allocator import find_tcmalloc, loaded, preload_env
+
+    library = find_tcmalloc()
+    if library is None or loaded():
+        print("[tcmalloc] not run: " + ("no tcmalloc library on this machine" if library is None else "this process has it already"), file=sys.stderr)
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, "--fast-only", "--no-tcmalloc", "--config", args.config, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--json", str(out)]
+        print(f"[tcmalloc] the fast step with LD_PRELOAD={library} ...", file=sys.stderr, flush=True)
+        subprocess.run(cmd, env=preload_env(library, os.environ), check=True)
+        row = json.loads(out.read_text())["row"]
+    row.update(stage="+ tcmalloc (the `paraencoder` command's allocator)", allocator=library)
+    return [row]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu-default", choices=["cpu-default", "cpu-tiny"])
@@ -85,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--skip-bf16", action="store_true", help="skip the bf16 row (minutes where bf16 is emulated)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--fast-only", action="store_true", help="only the fast step's row (the tcmalloc child process)")
+    parser.add_argument("--no-tcmalloc", action="store_true", help="skip the tcmalloc row")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -169,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 "frac_machine_peak": achieved / max(peak32, peak16), "losses": losses,
             }
 
+        if args.fast_only:
+            common.write_json(args.json, {"row": run("+ small LM-head logits kept (no recompute)", prefix_cache=True)})
+            return 0
         rows = [run("today's shipped step (fp32)", prefix_cache=False, keep_logits=False)]
         rows.append(run("+ shared-prefix KV cache", prefix_cache=True, keep_logits=False))
         rows.append(run("+ small LM-head logits kept (no recompute)", prefix_cache=True))
@@ -182,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run("+ frozen LLM in bf16 autocast", prefix_cache=True, autocast=True))
         if args.compile:
             rows.append(run("+ torch.compile (LLM, dynamic shapes)", prefix_cache=True, compile_llm=True, warmup=max(args.warmup, 2)))
+        if not args.no_tcmalloc:
+            for r in tcmalloc_row(args):  # its fractions against this run's peaks
+                r.update(frac_fp32_peak=r["model_tflops"] / peak32, frac_bf16_peak=r["model_tflops"] / peak16 if peak16 else None,
+                         frac_machine_peak=r["model_tflops"] / max(peak32, peak16))
+                rows.append(r)
         rows.append(run("prefix cache, 1 intra-op thread", prefix_cache=True, threads=1))
         rows.append(run("prefix cache, 2 threads + a CPU-bound data worker", prefix_cache=True, competitor=True))
         base_s = rows[0]["step_s_median"]
@@ -197,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         quality = {"steps": args.quality_steps, "loss_today": q_today["losses"], "loss_today_rows_reversed": q_noise["losses"], "loss_fast": q_fast["losses"],
                    "first_step_abs_diff": abs(q_today["losses"][0] - q_fast["losses"][0]),
                    "max_abs_loss_diff_noise_floor": diff(q_today, q_noise), "max_abs_loss_diff_fast": diff(q_today, q_fast)}
+        if any(r["stage"] == "+ frozen LLM in bf16 autocast" for r in rows):
+            # bf16 is not exact: its curve must stay within the fp32 noise floor to be kept.
+            q_bf16 = run("quality: fast step, bf16 autocast", prefix_cache=True, autocast=True, steps=args.quality_steps, warmup=0)
+            quality.update(loss_bf16=q_bf16["losses"], first_step_abs_diff_bf16=abs(q_today["losses"][0] - q_bf16["losses"][0]),
+                           max_abs_loss_diff_bf16=diff(q_today, q_bf16), bf16_within_noise=diff(q_today, q_bf16) <= 2 * diff(q_today, q_noise))
 
     result = {
         "config": cfg.name, "machine": common.machine_info(device), "clips": clip_source, "threads": args.threads,
@@ -217,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not run: {r['stage']}: {r['why']}")
     print(f"quality over {args.quality_steps} same-start steps: first-step |loss diff| fast vs today {quality['first_step_abs_diff']:.1e}; "
           f"max |loss diff| fast vs today {quality['max_abs_loss_diff_fast']:.3f}, noise floor (today, rows reversed) {quality['max_abs_loss_diff_noise_floor']:.3f}")
+    if "max_abs_loss_diff_bf16" in quality:
+        print(f"bf16: first-step |loss diff| {quality['first_step_abs_diff_bf16']:.1e}, max |loss diff| {quality['max_abs_loss_diff_bf16']:.3f} "
+              f"({'within' if quality['bf16_within_noise'] else 'NOT within'} 2x the noise floor)")
     print(f"wrote {out}")
     return 0
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from paraencoder.apps.cli import main
+from paraencoder.apps.cli import command
 
-sys.exit(main())
+sys.exit(command())

@@ -295,6 +295,22 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def command() -> int:
+    """The ``paraencoder`` executable: :func:`main` on ``sys.argv``, under tcmalloc where the machine has it.
+
+    The allocator must be chosen before the process starts (:mod:`paraencoder.allocator`), so this
+    re-executes once; :func:`main` called from Python never does.
+    """
+    from paraencoder.allocator import reexec_with_tcmalloc
+
+    try:
+        reexec_with_tcmalloc(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"paraencoder: error: {exc}", file=sys.stderr)
+        return 2
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
