@@ -318,6 +318,29 @@ def llm_forward_flops(tokens_per_seq: Sequence[int], hidden: int, layers: int, h
     return float(total)
 
 
+def run_under_tcmalloc(script: str, argv: Sequence[str], what: str) -> tuple[dict, str] | None:
+    """Run ``script argv --json OUT`` in a child process with tcmalloc preloaded; ``(its JSON, the library)``.
+
+    ``None`` (and a line saying why) where the machine has no tcmalloc or this process runs under it
+    already: the bench's own rows then keep the allocator they were measured with.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from paraencoder.allocator import find_tcmalloc, loaded, preload_env
+
+    library = find_tcmalloc()
+    if library is None or loaded():
+        print("[tcmalloc] not run: " + ("no tcmalloc library on this machine" if library is None else "this process has it already"), file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "child.json"
+        print(f"[tcmalloc] {what} with LD_PRELOAD={library} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, script, *argv, "--json", str(out)], env=preload_env(library, os.environ), check=True)
+        return json.loads(out.read_text()), library
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     from paraencoder.io import atomic_write_json
 

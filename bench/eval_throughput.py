@@ -55,23 +55,12 @@ def held_out_clips(count: int) -> list[dict]:
 
 def tcmalloc_rows(args, references: dict[str, list[str]]) -> list[dict]:
     """The default eval and teacher rows again in a child process with tcmalloc preloaded ([] where there is none)."""
-    import os
-    import subprocess
-    import tempfile
-
-    from paraencoder.allocator import find_tcmalloc, loaded, preload_env
-
-    library = find_tcmalloc()
-    if library is None or loaded():
-        print("[tcmalloc] not run: " + ("no tcmalloc library on this machine" if library is None else "this process has it already"), file=sys.stderr)
+    child = common.run_under_tcmalloc(__file__, ["--defaults-only", "--no-tcmalloc", "--adapter", args.adapter, "--clips", str(args.clips),
+                                                 "--teacher-prompts", str(args.teacher_prompts), "--threads", str(args.threads)], "default rows")
+    if child is None:
         return []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, __file__, "--defaults-only", "--no-tcmalloc", "--adapter", args.adapter, "--clips", str(args.clips),
-               "--teacher-prompts", str(args.teacher_prompts), "--threads", str(args.threads), "--json", str(out)]
-        print(f"[tcmalloc] default rows with LD_PRELOAD={library} ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, env=preload_env(library, os.environ), check=True)
-        rows = json.loads(out.read_text())["rows"]
+    result, library = child
+    rows = result["rows"]
     for r in rows:
         r["stage"] = ("teacher " if r["kind"] == "teacher" else "") + "+ tcmalloc (the `paraencoder` command's allocator)"
         ref = references[r["kind"]]

@@ -79,23 +79,12 @@ def peak_table(module, batch_tokens: int, reply_tokens: int, seconds: float) -> 
 
 def tcmalloc_row(args) -> list[dict]:
     """The fast step again in a child process with tcmalloc preloaded, as the `paraencoder` command runs ([] without one)."""
-    import json
-    import os
-    import subprocess
-
-    from paraencoder.allocator import find_tcmalloc, loaded, preload_env
-
-    library = find_tcmalloc()
-    if library is None or loaded():
-        print("[tcmalloc] not run: " + ("no tcmalloc library on this machine" if library is None else "this process has it already"), file=sys.stderr)
+    child = common.run_under_tcmalloc(__file__, ["--fast-only", "--no-tcmalloc", "--config", args.config, "--steps", str(args.steps),
+                                                 "--warmup", str(args.warmup), "--threads", str(args.threads)], "the fast step")
+    if child is None:
         return []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        cmd = [sys.executable, __file__, "--fast-only", "--no-tcmalloc", "--config", args.config, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--json", str(out)]
-        print(f"[tcmalloc] the fast step with LD_PRELOAD={library} ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, env=preload_env(library, os.environ), check=True)
-        row = json.loads(out.read_text())["row"]
+    result, library = child
+    row = result["row"]
     row.update(stage="+ tcmalloc (the `paraencoder` command's allocator)", allocator=library)
     return [row]
 
