@@ -192,3 +192,44 @@ def test_init_adapter_continues_a_saved_adapter_with_encoder_layers_unfrozen(tmp
         assert torch.equal(a, b), name
     assert any(p.requires_grad for n, p in cont.adapter.encoder.named_parameters() if ".1." in n or "layers.1" in n)
     assert cont.hparams.init_adapter == str(tmp_path / "released")
+
+
+def test_row_tokens_are_the_training_rows_and_buckets_bound_them(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus):
+    """``row_tokens`` counts, from the tokenizer alone, the rows ``student_batch`` lays out; ``bucket_by: tokens`` batches by them."""
+    from types import SimpleNamespace
+
+    module = make_module(tiny_llm_dir, tiny_whisper_dir)
+    data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path, bucket=True, batch_size=3, bucket_ratio=0.1, teacher_max_new_tokens=12)
+    data.setup("fit")
+    examples = data.train_set.examples
+    rows = module.row_tokens(examples, data.train_set.durations())
+    with torch.no_grad():  # the reference: the real student batch, every example in one padded batch
+        inputs = module.student_batch(collate([data.train_set[i] for i in range(len(examples))]))
+    assert rows == inputs.batch.attention_mask.sum(1).tolist()
+    assert len(set(rows)) > 2  # replies and prompts differ in length, so the test can tell the two measures apart
+
+    # A bare datamodule has no module to count rows with: seconds. Attached to a trainer's module: tokens.
+    assert data.bucket_lengths(data.train_set) == (data.train_set.durations(), "seconds")
+    data.trainer = SimpleNamespace(lightning_module=module, world_size=1, global_rank=0)
+    assert data.bucket_lengths(data.train_set) == ([float(n) for n in rows], "tokens")
+    batches = list(data._loader(data.train_set, shuffle=False).batch_sampler)  # the sampler train_dataloader() wraps
+    assert sorted(i for b in batches for i in b) == list(range(len(examples)))
+    for b in batches:  # every batch inside one bucket: longest row <= 1.1 x shortest
+        assert max(rows[i] for i in b) <= 1.1 * min(rows[i] for i in b), [rows[i] for i in b]
+
+
+def test_fit_buckets_by_row_tokens(tmp_path, tiny_llm_dir, tiny_whisper_dir, toy_corpus, capsys):
+    """Under a real Trainer the training loader sees the module and buckets by its row tokens."""
+    module = make_module(tiny_llm_dir, tiny_whisper_dir)
+    data = make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path, bucket=True, batch_size=3)
+    trainer(tmp_path, 1).fit(module, data)
+    assert "examples, bucketed by LLM row tokens:" in capsys.readouterr().out
+
+
+def test_bucket_options_are_checked(tmp_path, tiny_llm_dir, toy_corpus):
+    from paraencoder.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.bucket_by='frames'.*tokens.*seconds"):
+        make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path, bucket_by="frames")
+    with pytest.raises(ConfigError, match=r"data.bucket_ratio=-0.5"):
+        make_data(toy_corpus / "manifest.jsonl", tiny_llm_dir, tmp_path, bucket_ratio=-0.5)

@@ -142,7 +142,16 @@ class AlignmentData(L.LightningDataModule):
         teacher_max_new_tokens, teacher_batch_size: teacher generation settings.
         max_examples: cap for quick runs (taken after a seeded shuffle).
         seed: shuffling seed.
-        bucket: group clips of similar length into batches (bounded padding).
+        bucket: group examples of similar length into batches (bounded padding).
+        bucket_by: what "length" means: ``"tokens"`` (default) is each example's LLM training row
+            (prompt, soft tokens, reply: :meth:`AlignmentModule.row_tokens`, counted from the
+            tokenizer before training), which is what a step pays for; ``"seconds"`` is the clip's
+            duration, the only measure before this option existed, and blind to reply and question
+            lengths (on ``recipes/hearing.yaml`` 14.7% of the LLM's token slots were padding by
+            seconds, 3.7% by tokens: docs/performance.md). Without a training module attached
+            (a bare datamodule), or with dialogue examples, ``"tokens"`` falls back to seconds.
+        bucket_ratio: the longest example of a bucket is at most ``1 + bucket_ratio`` times its
+            shortest (:class:`~paraencoder.data.sampling.LengthBucketSampler`'s ``max_padding_ratio``).
         qa_mode: contextual paralinguistic QA (Wang et al. 2025): ``"none"``, ``"explicit"``
             (categorical + dimensional metadata rendered into the teacher prompt), ``"implicit"``
             (generated QA pairs that need words and voice) or ``"both"``.
@@ -199,6 +208,8 @@ class AlignmentData(L.LightningDataModule):
         max_examples: int | None = None,
         seed: int = 0,
         bucket: bool = True,
+        bucket_by: str = "tokens",
+        bucket_ratio: float = 0.1,
         qa_mode: str = "none",
         qa_generator: str = "templates",
         qa_generator_model: str | None = None,
@@ -220,6 +231,10 @@ class AlignmentData(L.LightningDataModule):
         from paraencoder.prompts import teacher_premises
 
         teacher_premises(teacher_premise, "data.teacher_premise")  # a bad value fails here, before any model loads
+        if bucket_by not in ("tokens", "seconds"):
+            raise ConfigError(f"data.bucket_by={bucket_by!r}; choose tokens (LLM row length, the default) or seconds (clip duration)")
+        if not (isinstance(bucket_ratio, (int, float)) and bucket_ratio >= 0):
+            raise ConfigError(f"data.bucket_ratio={bucket_ratio!r}; give a number >= 0 (0.1: a bucket's longest example is at most 1.1x its shortest)")
         self.save_hyperparameters()
         self.train_set: AlignmentDataset | None = None
         self.train_utterances: list | None = None  # the training manifest's clips, kept by setup() for clip_examples()
@@ -379,7 +394,17 @@ class AlignmentData(L.LightningDataModule):
         if hp.bucket:
             from paraencoder.data.sampling import LengthBucketSampler
 
-            sampler = LengthBucketSampler(dataset.durations(), batch_size=hp.batch_size, shuffle=shuffle, seed=hp.seed, num_replicas=world, rank=rank)
+            lengths, unit = self.bucket_lengths(dataset)
+            sampler = LengthBucketSampler(
+                lengths, batch_size=hp.batch_size, max_padding_ratio=hp.get("bucket_ratio", 0.2), shuffle=shuffle, seed=hp.seed,
+                num_replicas=world, rank=rank,
+            )
+            if shuffle and rank == 0:
+                batches = sampler.batches(0)
+                real = sum(lengths[i] for b in batches for i in b)
+                padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+                print(f"[data] {len(batches)} batches of {len(dataset)} examples, bucketed by {'LLM row tokens' if unit == 'tokens' else 'clip seconds'}: "
+                      f"{1 - real / padded:.1%} of the batches' {unit} are padding")
         else:
             # Batch order is a function of (seed, epoch) only, so a resumed process sees the same order.
             from paraencoder.train.resume import EpochBatchSampler
@@ -393,6 +418,21 @@ class AlignmentData(L.LightningDataModule):
         from paraencoder.train.resume import ResumableDataLoader
 
         return ResumableDataLoader(dataset, sampler, progress=self._train_progress, **kwargs)
+
+    def bucket_lengths(self, dataset: AlignmentDataset) -> tuple[list[float], str]:
+        """``(lengths, unit)`` that ``data.bucket_by`` buckets ``dataset`` by: LLM row tokens where the
+        attached module can count them (``"tokens"``), else clip durations (``"seconds"``).
+
+        Runs written before ``bucket_by`` existed resume with seconds, the batches they trained on."""
+        seconds = dataset.durations()
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if self.hparams.get("bucket_by", "seconds") != "tokens" or not hasattr(module, "row_tokens"):
+            return seconds, "seconds"
+        tokens = module.row_tokens(dataset.examples, seconds)
+        if tokens is None:
+            print("data.bucket_by=tokens: dialogue examples present, bucketing by clip seconds instead")
+            return seconds, "seconds"
+        return [float(n) for n in tokens], "tokens"
 
     def _train_progress(self) -> tuple[int, int]:
         """(epoch, batches of it already trained on) from the trainer's loop counters, for resumption."""

@@ -225,6 +225,37 @@ class AlignmentModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self.llm.to(self.device)
 
+    def row_tokens(self, examples: list[AlignmentExample], durations: list[float]) -> list[int] | None:
+        """How many LLM tokens each example's training row takes (prompt, soft tokens, reply, end of turn).
+
+        From the tokenizer and the adapter's token arithmetic only: no audio is read and nothing runs
+        on the encoder or the LLM. It is what :meth:`student_batch` lays out for the example (its
+        clip counted from ``durations`` in seconds, so up to one token of rounding), for
+        bucketing by row length (``AlignmentData(bucket_by="tokens")``). ``None`` when any example
+        is a dialogue (several clips and turns): bucket those by seconds.
+        """
+        if any(getattr(ex, "clips", None) for ex in examples):
+            return None
+        from paraencoder.audio import SAMPLE_RATE
+
+        samples = torch.tensor([max(1, round(float(d) * SAMPLE_RATE)) for d in durations])
+        soft = self.adapter.token_lengths(samples).tolist()
+        out = [0] * len(examples)
+        groups: dict[str | None, list[int]] = {}
+        for i, ex in enumerate(examples):  # one system prompt per encode call
+            groups.setdefault(ex.system, []).append(i)
+        for system, idx in groups.items():
+            for start in range(0, len(idx), 512):
+                part = idx[start : start + 512]
+                enc = self.llm.encode(
+                    [examples[i].student_prompt for i in part], num_speech_tokens=[soft[i] for i in part], replies=[examples[i].reply or "" for i in part],
+                    system=system, tail_speech_tokens=self.adapter.tail_tokens,
+                    sources=[f"utterance {examples[i].utt_id!r} ({examples[i].task})" for i in part],
+                )
+                for i, n in zip(part, enc.attention_mask.sum(1).tolist()):
+                    out[i] = int(n)
+        return out
+
     # -- the forward pass shared by every objective ----------------------------------------------
     def student_batch(
         self,
