@@ -168,6 +168,17 @@ def read_losses(log_root: Path) -> dict[int, float]:
     return losses
 
 
+def read_epochs(log_root: Path) -> dict[int, int]:
+    """``{step: epoch}`` of every logged training step under ``log_root`` (CSVLogger layout)."""
+    epochs: dict[int, int] = {}
+    for path in sorted(log_root.rglob("metrics.csv")):
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("train/loss"):
+                    epochs[int(row["step"])] = int(row["epoch"])
+    return epochs
+
+
 class SlowQAGenerator:
     """A deterministic stand-in judge backend for ``generate_qa``: valid pairs, ``delay`` seconds per item."""
 

@@ -1,7 +1,7 @@
 """kill -9 during training and teacher generation, with real subprocesses; then resume.
 
-* ``paraencoder fit`` on tiny random backbones (CPU, one thread, seed 0, 12 examples in length buckets = 4 batches
-  per epoch, checkpoints every 2 steps): killed once the step-6 checkpoint exists (mid-epoch 1),
+* ``paraencoder fit`` on tiny random backbones (CPU, one thread, seed 0, the toy corpus in row-token buckets,
+  checkpoints every 2 steps): killed once the checkpoint two batches into epoch 1 exists (mid-epoch),
   resumed with ``--ckpt_path last``: the same final step, the same per-step loss curve within 1e-6
   and the same adapter weights (within 1e-4) as an uninterrupted run.
 * ``generate_qa`` (through a helper script with a slow stand-in judge): the same, twice.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from _interrupt_worker import cli_env, fit_recipe, kill_when, read_losses, run_cli, start_cli
+from _interrupt_worker import cli_env, fit_recipe, kill_when, read_epochs, read_losses, run_cli, start_cli
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # each test runs 3-4 CLI processes (> 20 s)
 
@@ -69,15 +69,20 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_curve(tmp_path, tiny_llm_dir, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = read_losses(tmp_path / "ref" / "logs")
     assert len(reference) == 10, reference
+    epochs = read_epochs(tmp_path / "ref" / "logs")
 
-    # Killed with SIGKILL after the step-6 checkpoint: length buckets make 4 batches an epoch, so
-    # step 6 is mid-epoch 1 (2 of its batches consumed) and the run ends in epoch 2.
+    # Killed with SIGKILL after a checkpoint two batches into epoch 1, so the resumed process must
+    # restore the sampler's place inside an epoch. The epoch length comes from the reference run
+    # (how many batches the row-token buckets make), not from a number written here.
+    per_epoch = sum(1 for e in epochs.values() if e == 0)
+    hold = per_epoch + 2
+    assert hold < 10 and epochs[hold - 1] == epochs[hold] == 1, (per_epoch, epochs)  # mid-epoch, not at a boundary
     ckpt_dir = tmp_path / "ckpt"
-    killed = fit_recipe(tmp_path, "killed", checkpoint_dir=ckpt_dir, hold_at=6, **common)
+    killed = fit_recipe(tmp_path, "killed", checkpoint_dir=ckpt_dir, hold_at=hold, **common)
     victim = start_cli(["fit", "--config", str(killed)], tmp_path, cache)
     kill_when(victim, lambda: (tmp_path / "killed" / "holding").is_file())
-    names = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
-    assert [n.split("step=")[-1] for n in names] == ["2.ckpt", "4.ckpt", "6.ckpt", "last.ckpt"], names
+    steps = sorted(int(p.stem.split("step=")[-1]) for p in ckpt_dir.glob("*step=*.ckpt"))
+    assert steps == list(range(2, hold + 1, 2)) and (ckpt_dir / "last.ckpt").is_file(), sorted(p.name for p in ckpt_dir.iterdir())
     assert not (tmp_path / "killed" / "adapter").exists()
     before_kill = read_losses(tmp_path / "killed" / "logs")
 
@@ -87,12 +92,12 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_curve(tmp_path, tiny_llm_dir, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = read_losses(tmp_path / "killed" / "logs")
 
-    # Same steps, same loss at every step (steps 0-5 from the killed run, 6-9 from the resumed one).
-    assert sorted(before_kill) == [0, 1, 2, 3, 4, 5], before_kill
+    # Same steps, same loss at every step (steps before the hold from the killed run, the rest resumed).
+    assert sorted(before_kill) == list(range(hold)), before_kill
     assert sorted(after) == sorted(reference)
     worst = max(abs(after[s] - reference[s]) for s in reference)
     assert worst < 1e-6, {s: (after[s], reference[s]) for s in reference}
-    assert any(ckpt_dir.glob("epoch=2-step=10.ckpt"))  # the resumed run reached the same final step
+    assert any(ckpt_dir.glob(f"epoch={epochs[9]}-step=10.ckpt")), sorted(p.name for p in ckpt_dir.glob("*.ckpt"))  # same final step
     # The released adapter matches the uninterrupted run's (bytes can differ in the last bit: the
     # resumed process recomputes cached frozen-encoder outputs in differently padded batches).
     from safetensors.torch import load_file
@@ -102,7 +107,7 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_curve(tmp_path, tiny_llm_dir, 
     weight_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert weight_diff < 1e-4, weight_diff
     identical = sha(tmp_path / "killed" / "adapter" / "adapter.safetensors") == sha(tmp_path / "ref" / "adapter" / "adapter.safetensors")
-    RESULTS["fit"] = {"kills": 1, "survived": 1, "steps": 10, "killed_at_step": 6, "max_abs_loss_diff": worst, "adapter_max_abs_diff": weight_diff, "adapter_bytes_identical": identical}
+    RESULTS["fit"] = {"kills": 1, "survived": 1, "steps": 10, "killed_at_step": hold, "batches_per_epoch": per_epoch, "max_abs_loss_diff": worst, "adapter_max_abs_diff": weight_diff, "adapter_bytes_identical": identical}
 
 
 def teacher_parts(cache: Path) -> dict[str, str]:
