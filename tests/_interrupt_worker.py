@@ -157,26 +157,16 @@ def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: fl
     assert proc.returncode == -signal.SIGKILL, proc.returncode
 
 
-def read_losses(log_root: Path) -> dict[int, float]:
-    """``{step: train/loss}`` from every ``metrics.csv`` under ``log_root`` (CSVLogger layout)."""
-    losses: dict[int, float] = {}
+def read_losses(log_root: Path, column: str = "train/loss") -> dict[int, float]:
+    """``{step: column}`` of every logged training step (rows with a ``train/loss``) from every
+    ``metrics.csv`` under ``log_root`` (CSVLogger layout); ``column="epoch"`` gives each step's epoch."""
+    values: dict[int, float] = {}
     for path in sorted(log_root.rglob("metrics.csv")):
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
                 if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    return losses
-
-
-def read_epochs(log_root: Path) -> dict[int, int]:
-    """``{step: epoch}`` of every logged training step under ``log_root`` (CSVLogger layout)."""
-    epochs: dict[int, int] = {}
-    for path in sorted(log_root.rglob("metrics.csv")):
-        with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                if row.get("train/loss"):
-                    epochs[int(row["step"])] = int(row["epoch"])
-    return epochs
+                    values[int(row["step"])] = float(row[column])
+    return values
 
 
 class SlowQAGenerator:
